@@ -1,0 +1,467 @@
+//! The uniform-prior cross-entropy of Self-Classifier, with its exact gradient.
+//!
+//! For a pair of views of the same batch, the *target* comes from view `a` and the
+//! *prediction* from view `b`, both `N x C` logit matrices of one classifier head:
+//!
+//! - target: a softmax down each column (over the batch, temperature `col_temperature`),
+//!   then each row normalised to sum to one;
+//! - prediction: a softmax along each row (over the classes, temperature
+//!   `row_temperature`), then each column normalised to sum to one and scaled by `N / C`,
+//!   which is what puts the uniform prior on the classes;
+//! - the pair's loss is `-(1/N) sum_{n,c} target[n,c] * ln(prediction[n,c])`.
+//!
+//! Both normalisations are done in log space (a normalised softmax is the softmax of the
+//! log-softmax along the other axis), so every quantity stays finite for logits of any
+//! finite size and for batches whose rows are all identical. The gradient flows through
+//! the target as well as the prediction: the method has no stop-gradient.
+//!
+//! With several views, every ordered pair `(target view, prediction view)` of distinct views
+//! counts, except pairs of two local views; the loss is the mean over counted pairs, and
+//! [`multi_head_loss`] averages that over heads.
+//!
+//! ```
+//! use ndarray::array;
+//! use selfclass_runtime::loss::{uniform_prior_loss, LossParams};
+//!
+//! let view1 = array![[2.0f64, 0.0], [0.0, 2.0], [1.0, 0.5], [0.2, 0.1]];
+//! let view2 = array![[1.5f64, 0.1], [0.3, 1.8], [0.9, 0.4], [0.0, 0.3]];
+//! let out = uniform_prior_loss(&[view1.view(), view2.view()], &LossParams::default()).unwrap();
+//! assert!(out.loss.is_finite());
+//! assert_eq!(out.grads[0].dim(), (4, 2));
+//! ```
+
+use ndarray::{Array2, ArrayView2, Axis, NdFloat, Zip};
+
+use crate::{Error, Result};
+
+/// Temperatures and view layout of the loss.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossParams {
+    /// Temperature of the row softmax that gives the prediction (paper: 0.1).
+    pub row_temperature: f64,
+    /// Temperature of the column softmax over the batch that gives the target (paper: 0.05).
+    pub col_temperature: f64,
+    /// How many of the views, counted from the first, are global views; the rest are local
+    /// crops, and pairs of two local crops are skipped.
+    pub global_views: usize,
+}
+
+impl Default for LossParams {
+    fn default() -> Self {
+        LossParams { row_temperature: 0.1, col_temperature: 0.05, global_views: 2 }
+    }
+}
+
+impl LossParams {
+    /// Checks the parameters once, so a bad setting fails before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |t: f64| t.is_finite() && t > 0.0;
+        if !positive(self.row_temperature) || !positive(self.col_temperature) {
+            return Err(Error::invalid(
+                "loss parameters",
+                format!(
+                    "temperatures must be finite and positive, got row {} and column {}",
+                    self.row_temperature, self.col_temperature
+                ),
+            ));
+        }
+        if self.global_views == 0 {
+            return Err(Error::invalid("loss parameters", "at least one global view is needed"));
+        }
+        Ok(())
+    }
+
+    /// Whether the ordered pair (target view `a`, prediction view `b`) counts.
+    fn pair_counts(&self, a: usize, b: usize) -> bool {
+        a != b && (a < self.global_views || b < self.global_views)
+    }
+}
+
+/// The loss of one head and its gradient with respect to every view's logits.
+#[derive(Debug, Clone)]
+pub struct LossAndGrad<F> {
+    /// Mean over the counted view pairs.
+    pub loss: F,
+    /// `grads[v]` is d loss / d logits of view `v`, the same shape as that view.
+    pub grads: Vec<Array2<F>>,
+}
+
+/// Per-view quantities shared by every pair the view takes part in.
+struct ViewTerms<F> {
+    /// Row-normalised column softmax: the target this view gives.
+    target: Array2<F>,
+    /// Column softmax of the scaled logits (needed by the target's backward pass).
+    col_softmax: Array2<F>,
+    /// ln of (N/C times the column-normalised row softmax): the log-prediction.
+    log_pred: Array2<F>,
+    /// The column-normalised row softmax (needed by the prediction's backward pass).
+    pred: Array2<F>,
+    /// The plain row softmax (needed by the prediction's backward pass).
+    row_softmax: Array2<F>,
+}
+
+/// Log-softmax of `x` along `axis`, written into a new array.
+fn log_softmax_in<F: NdFloat>(x: &Array2<F>, axis: Axis) -> Array2<F> {
+    let mut out = x.clone();
+    for mut lane in out.lanes_mut(axis) {
+        let max = lane.fold(F::neg_infinity(), |m, &v| m.max(v));
+        let sum = lane.fold(F::zero(), |s, &v| s + (v - max).exp());
+        let log_norm = max + sum.ln();
+        lane.mapv_inplace(|v| v - log_norm);
+    }
+    out
+}
+
+impl<F: NdFloat> ViewTerms<F> {
+    fn new(logits: &ArrayView2<F>, params: &LossParams) -> Self {
+        let (n, c) = logits.dim();
+        let inv_col_t = F::from(1.0 / params.col_temperature).unwrap_or_else(F::one);
+        let inv_row_t = F::from(1.0 / params.row_temperature).unwrap_or_else(F::one);
+        let scale_ln = (F::from(n).unwrap_or_else(F::one) / F::from(c).unwrap_or_else(F::one)).ln();
+
+        let col_log = log_softmax_in(&logits.mapv(|v| v * inv_col_t), Axis(0));
+        let col_softmax = col_log.mapv(F::exp);
+        let target = log_softmax_in(&col_log, Axis(1)).mapv(F::exp);
+
+        let row_log = log_softmax_in(&logits.mapv(|v| v * inv_row_t), Axis(1));
+        let row_softmax = row_log.mapv(F::exp);
+        let pred_log = log_softmax_in(&row_log, Axis(0));
+        let pred = pred_log.mapv(F::exp);
+        let log_pred = pred_log.mapv(|v| v + scale_ln);
+
+        ViewTerms { target, col_softmax, log_pred, pred, row_softmax }
+    }
+}
+
+/// Backward pass through `y = softmax(x)` along `axis`, given `dy`: returns `dx`.
+fn softmax_backward<F: NdFloat>(y: &Array2<F>, dy: &Array2<F>, axis: Axis) -> Array2<F> {
+    let dots = (y * dy).sum_axis(axis).insert_axis(axis);
+    let mut dx = dy - &dots;
+    dx *= y;
+    dx
+}
+
+/// Backward pass through `y = log_softmax(x)` along `axis`, given `dy` and `softmax(x)`.
+fn log_softmax_backward<F: NdFloat>(softmax: &Array2<F>, dy: &Array2<F>, axis: Axis) -> Array2<F> {
+    let sums = dy.sum_axis(axis).insert_axis(axis);
+    dy - &(softmax * &sums)
+}
+
+/// The uniform-prior loss of one head over any number of views, with its gradient.
+///
+/// `views[v]` holds the logits of view `v` (`N x C`, the same shape for every view); the
+/// first `params.global_views` views are global, the rest local crops.
+pub fn uniform_prior_loss<F: NdFloat>(
+    views: &[ArrayView2<F>],
+    params: &LossParams,
+) -> Result<LossAndGrad<F>> {
+    params.validate()?;
+    let shape = check_views(views)?;
+    let (n, _) = shape;
+    let terms: Vec<ViewTerms<F>> = views.iter().map(|v| ViewTerms::new(v, params)).collect();
+
+    let pairs: Vec<(usize, usize)> = (0..views.len())
+        .flat_map(|a| (0..views.len()).map(move |b| (a, b)))
+        .filter(|&(a, b)| params.pair_counts(a, b))
+        .collect();
+    if pairs.is_empty() {
+        return Err(Error::invalid(
+            "uniform-prior loss",
+            format!(
+                "{} views with {} global give no pair to compare",
+                views.len(),
+                params.global_views
+            ),
+        ));
+    }
+
+    let pair_weight = F::one() / F::from(pairs.len()).unwrap_or_else(F::one);
+    let per_sample = F::one() / F::from(n).unwrap_or_else(F::one);
+    // d(pair loss)/d(target) and d(pair loss)/d(log_pred), accumulated per view first, so
+    // each view's backward pass through its softmaxes runs once however many pairs it is in.
+    let mut d_target: Vec<Array2<F>> = views.iter().map(|_| Array2::zeros(shape)).collect();
+    let mut d_log_pred: Vec<Array2<F>> = views.iter().map(|_| Array2::zeros(shape)).collect();
+    let mut loss = F::zero();
+    let weight = pair_weight * per_sample;
+
+    for &(a, b) in &pairs {
+        let target = &terms[a].target;
+        let log_pred = &terms[b].log_pred;
+        loss =
+            loss - weight * Zip::from(target).and(log_pred).fold(F::zero(), |s, &t, &l| s + t * l);
+        d_target[a].scaled_add(-weight, log_pred);
+        d_log_pred[b].scaled_add(-weight, target);
+    }
+
+    let inv_col_t = F::from(1.0 / params.col_temperature).unwrap_or_else(F::one);
+    let inv_row_t = F::from(1.0 / params.row_temperature).unwrap_or_else(F::one);
+    let grads = terms
+        .iter()
+        .zip(d_target.iter().zip(&d_log_pred))
+        .map(|(t, (dt, dl))| {
+            // Target side: target = softmax_rows(log_softmax_cols(x / col_t)).
+            let d_col_log = softmax_backward(&t.target, dt, Axis(1));
+            let mut grad = log_softmax_backward(&t.col_softmax, &d_col_log, Axis(0));
+            grad *= inv_col_t;
+            // Prediction side: log_pred = ln(N/C) + log_softmax_cols(log_softmax_rows(x / row_t)).
+            let d_row_log = log_softmax_backward(&t.pred, dl, Axis(0));
+            let mut pred_grad = log_softmax_backward(&t.row_softmax, &d_row_log, Axis(1));
+            pred_grad *= inv_row_t;
+            grad += &pred_grad;
+            grad
+        })
+        .collect();
+
+    Ok(LossAndGrad { loss, grads })
+}
+
+/// The loss averaged over several heads: `heads[h][v]` holds head `h`'s logits for view `v`.
+/// Returns the mean loss and, per head and view, its gradient (already divided by the
+/// number of heads).
+pub fn multi_head_loss<F: NdFloat>(
+    heads: &[Vec<ArrayView2<F>>],
+    params: &LossParams,
+) -> Result<(F, Vec<Vec<Array2<F>>>)> {
+    if heads.is_empty() {
+        return Err(Error::invalid("uniform-prior loss", "no head given"));
+    }
+    let head_weight = F::one() / F::from(heads.len()).unwrap_or_else(F::one);
+    let mut total = F::zero();
+    let mut all_grads = Vec::with_capacity(heads.len());
+    for views in heads {
+        let LossAndGrad { loss, mut grads } = uniform_prior_loss(views, params)?;
+        total = total + loss * head_weight;
+        grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * head_weight));
+        all_grads.push(grads);
+    }
+    Ok((total, all_grads))
+}
+
+fn check_views<F: NdFloat>(views: &[ArrayView2<F>]) -> Result<(usize, usize)> {
+    let Some(first) = views.first() else {
+        return Err(Error::invalid("uniform-prior loss", "no view given"));
+    };
+    let shape = first.dim();
+    if shape.0 == 0 || shape.1 == 0 {
+        return Err(Error::invalid(
+            "uniform-prior loss",
+            format!("empty logits of shape {shape:?}"),
+        ));
+    }
+    for (v, view) in views.iter().enumerate() {
+        if view.dim() != shape {
+            return Err(Error::invalid(
+                "uniform-prior loss",
+                format!("view {v} has shape {:?}, view 0 has {shape:?}", view.dim()),
+            ));
+        }
+        if view.iter().any(|x| !x.is_finite()) {
+            return Err(Error::invalid(
+                "uniform-prior loss",
+                format!("view {v} holds a non-finite logit"),
+            ));
+        }
+    }
+    Ok(shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array2};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    fn random_logits(rng: &mut StdRng, n: usize, c: usize, scale: f64) -> Array2<f64> {
+        Array2::from_shape_fn((n, c), |_| rng.gen_range(-1.0..1.0) * scale)
+    }
+
+    /// The loss written directly from its definition, with no log-space tricks: the values
+    /// the optimised version must reproduce where the direct form does not underflow.
+    fn direct_loss(views: &[Array2<f64>], params: &LossParams) -> f64 {
+        let (n, c) = views[0].dim();
+        let target = |x: &Array2<f64>| {
+            let mut e = x.mapv(|v| (v / params.col_temperature).exp());
+            let col = e.sum_axis(Axis(0));
+            e /= &col;
+            let row = e.sum_axis(Axis(1)).insert_axis(Axis(1));
+            e / &row
+        };
+        let pred = |x: &Array2<f64>| {
+            let mut e = x.mapv(|v| (v / params.row_temperature).exp());
+            let row = e.sum_axis(Axis(1)).insert_axis(Axis(1));
+            e /= &row;
+            let col = e.sum_axis(Axis(0));
+            e / &col * (n as f64 / c as f64)
+        };
+        let (mut total, mut pairs) = (0.0, 0);
+        for a in 0..views.len() {
+            for b in 0..views.len() {
+                if !params.pair_counts(a, b) {
+                    continue;
+                }
+                let (t, p) = (target(&views[a]), pred(&views[b]));
+                total -= (&t * &p.mapv(f64::ln)).sum() / n as f64;
+                pairs += 1;
+            }
+        }
+        total / pairs as f64
+    }
+
+    fn loss_of(views: &[Array2<f64>], params: &LossParams) -> LossAndGrad<f64> {
+        let refs: Vec<_> = views.iter().map(|v| v.view()).collect();
+        uniform_prior_loss(&refs, params).expect("valid views")
+    }
+
+    /// Central differences with step 1e-5 in f64: truncation error O(h^2) ~ 1e-10 times the
+    /// third derivative, rounding ~ 1e-16 / 1e-5; 1e-6 relative leaves a wide margin.
+    fn check_gradient(views: &[Array2<f64>], params: &LossParams) {
+        let analytic = loss_of(views, params).grads;
+        let h = 1e-5;
+        for v in 0..views.len() {
+            for idx in 0..views[v].len() {
+                let (r, c) = (idx / views[v].ncols(), idx % views[v].ncols());
+                let mut plus = views.to_vec();
+                plus[v][[r, c]] += h;
+                let mut minus = views.to_vec();
+                minus[v][[r, c]] -= h;
+                let numeric =
+                    (loss_of(&plus, params).loss - loss_of(&minus, params).loss) / (2.0 * h);
+                let got = analytic[v][[r, c]];
+                let tol = 1e-6 * (1.0 + numeric.abs());
+                assert!(
+                    (got - numeric).abs() <= tol,
+                    "view {v} [{r},{c}]: analytic {got} vs numeric {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hand_worked_two_by_two_case() {
+        // Temperatures 1 and logits [[ln 3, 0], [0, 0]] in both views:
+        // target = [[3/5, 2/5], [1/3, 2/3]], prediction (with N/C = 1) = [[3/5, 1/3], [2/5, 2/3]].
+        let x = array![[3f64.ln(), 0.0], [0.0, 0.0]];
+        let params = LossParams { row_temperature: 1.0, col_temperature: 1.0, global_views: 2 };
+        let out = loss_of(&[x.clone(), x], &params);
+        let expected = -0.5
+            * (0.6 * 0.6f64.ln()
+                + 0.4 * (1.0f64 / 3.0).ln()
+                + (1.0 / 3.0) * 0.4f64.ln()
+                + (2.0 / 3.0) * (2.0f64 / 3.0).ln());
+        assert!((out.loss - expected).abs() < 1e-14, "{} vs {expected}", out.loss);
+    }
+
+    #[test]
+    fn uniform_logits_give_ln_classes() {
+        // All-equal logits: target and prediction are both uniform 1/C per row.
+        let x = Array2::<f64>::zeros((6, 4));
+        let out = loss_of(&[x.clone(), x], &LossParams::default());
+        assert!((out.loss - 4f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn matches_the_direct_definition() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for &(n, c, views, global) in &[(8, 3, 2, 2), (16, 5, 4, 2), (5, 7, 3, 1), (12, 4, 3, 3)] {
+            let params = LossParams { global_views: global, ..LossParams::default() };
+            let xs: Vec<_> = (0..views).map(|_| random_logits(&mut rng, n, c, 0.3)).collect();
+            let got = loss_of(&xs, &params).loss;
+            let want = direct_loss(&xs, &params);
+            assert!((got - want).abs() < 1e-10 * (1.0 + want.abs()), "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn gradient_matches_central_differences() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for &(n, c, views, global, scale) in
+            &[(6, 3, 2, 2, 1.0), (8, 4, 4, 2, 0.5), (5, 6, 3, 1, 2.0), (4, 2, 2, 2, 0.05)]
+        {
+            let params = LossParams { global_views: global, ..LossParams::default() };
+            let xs: Vec<_> = (0..views).map(|_| random_logits(&mut rng, n, c, scale)).collect();
+            check_gradient(&xs, &params);
+        }
+    }
+
+    #[test]
+    fn gradient_matches_with_other_temperatures() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let params = LossParams { row_temperature: 0.7, col_temperature: 0.2, global_views: 2 };
+        let xs: Vec<_> = (0..3).map(|_| random_logits(&mut rng, 7, 5, 1.0)).collect();
+        check_gradient(&xs, &params);
+    }
+
+    #[test]
+    fn finite_for_huge_logits() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let xs: Vec<_> = (0..2).map(|_| random_logits(&mut rng, 32, 10, 1e4)).collect();
+        let out = loss_of(&xs, &LossParams::default());
+        assert!(out.loss.is_finite());
+        assert!(out.grads.iter().all(|g| g.iter().all(|v| v.is_finite())));
+
+        let xs32: Vec<Array2<f32>> = xs.iter().map(|x| x.mapv(|v| v as f32)).collect();
+        let refs: Vec<_> = xs32.iter().map(|v| v.view()).collect();
+        let out32 = uniform_prior_loss(&refs, &LossParams::default()).expect("valid");
+        assert!(out32.loss.is_finite());
+        assert!(out32.grads.iter().all(|g| g.iter().all(|v| v.is_finite())));
+    }
+
+    #[test]
+    fn finite_for_a_batch_of_identical_samples() {
+        let row = array![[3.0f64, -1.0, 0.5, 2.0]];
+        let x = row.broadcast((64, 4)).expect("broadcast").to_owned();
+        let out = loss_of(&[x.clone(), x.clone()], &LossParams::default());
+        assert!(out.loss.is_finite());
+        assert!(out.grads.iter().all(|g| g.iter().all(|v| v.is_finite())));
+        check_gradient(
+            &[x.slice(ndarray::s![..6, ..]).to_owned(), x.slice(ndarray::s![..6, ..]).to_owned()],
+            &LossParams::default(),
+        );
+    }
+
+    #[test]
+    fn f32_agrees_with_f64() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let xs: Vec<_> = (0..2).map(|_| random_logits(&mut rng, 64, 10, 1.0)).collect();
+        let want = loss_of(&xs, &LossParams::default());
+        let xs32: Vec<Array2<f32>> = xs.iter().map(|x| x.mapv(|v| v as f32)).collect();
+        let refs: Vec<_> = xs32.iter().map(|v| v.view()).collect();
+        let got = uniform_prior_loss(&refs, &LossParams::default()).expect("valid");
+        assert!((got.loss as f64 - want.loss).abs() < 1e-4);
+        for (g, w) in got.grads.iter().zip(&want.grads) {
+            for (a, b) in g.iter().zip(w.iter()) {
+                assert!((*a as f64 - b).abs() < 1e-5 + 1e-3 * b.abs());
+            }
+        }
+    }
+
+    #[test]
+    fn multi_head_averages_heads() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let h1: Vec<_> = (0..2).map(|_| random_logits(&mut rng, 8, 3, 1.0)).collect();
+        let h2: Vec<_> = (0..2).map(|_| random_logits(&mut rng, 8, 6, 1.0)).collect();
+        let params = LossParams::default();
+        let (l1, l2) = (loss_of(&h1, &params), loss_of(&h2, &params));
+        let heads =
+            vec![h1.iter().map(|v| v.view()).collect(), h2.iter().map(|v| v.view()).collect()];
+        let (loss, grads) = multi_head_loss(&heads, &params).expect("valid");
+        assert!((loss - 0.5 * (l1.loss + l2.loss)).abs() < 1e-12);
+        assert!((&grads[1][0] - &(&l2.grads[0] * 0.5)).iter().all(|d| d.abs() < 1e-12));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let a = Array2::<f64>::zeros((4, 3));
+        let b = Array2::<f64>::zeros((4, 2));
+        let params = LossParams::default();
+        assert!(uniform_prior_loss::<f64>(&[], &params).is_err());
+        assert!(uniform_prior_loss(&[a.view(), b.view()], &params).is_err());
+        let mut nan = a.clone();
+        nan[[0, 0]] = f64::NAN;
+        assert!(uniform_prior_loss(&[a.view(), nan.view()], &params).is_err());
+        let bad = LossParams { row_temperature: 0.0, ..params };
+        assert!(uniform_prior_loss(&[a.view(), a.view()], &bad).is_err());
+        let one_global = LossParams { global_views: 1, ..params };
+        assert!(uniform_prior_loss(&[a.view()], &one_global).is_err());
+    }
+}
