@@ -94,7 +94,10 @@ impl Preprocess {
             ));
         }
         if self.mean.iter().any(|m| !m.is_finite())
-            || self.std.iter().any(|s| !(*s > 0.0) || !s.is_finite())
+            || self
+                .std
+                .iter()
+                .any(|s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !s.is_finite())
         {
             return bad("means must be finite and deviations positive".into());
         }
@@ -581,7 +584,7 @@ fn large_float_values(tensor: &TensorProto) -> Result<Option<Vec<f32>>> {
         ));
     }
     let values: Vec<f32> = if !tensor.raw_data.is_empty() {
-        if tensor.raw_data.len() % 4 != 0 {
+        if !tensor.raw_data.len().is_multiple_of(4) {
             return Err(Error::inference(
                 "ONNX input",
                 format!("weight {} has a ragged byte length", tensor.name),

@@ -187,8 +187,7 @@ pub fn uniform_prior_loss<F: NdFloat>(
     for &(a, b) in &pairs {
         let target = &terms[a].target;
         let log_pred = &terms[b].log_pred;
-        loss =
-            loss - weight * Zip::from(target).and(log_pred).fold(F::zero(), |s, &t, &l| s + t * l);
+        loss -= weight * Zip::from(target).and(log_pred).fold(F::zero(), |s, &t, &l| s + t * l);
         d_target[a].scaled_add(-weight, log_pred);
         d_log_pred[b].scaled_add(-weight, target);
     }
@@ -230,7 +229,7 @@ pub fn multi_head_loss<F: NdFloat>(
     let mut all_grads = Vec::with_capacity(heads.len());
     for views in heads {
         let LossAndGrad { loss, mut grads } = uniform_prior_loss(views, params)?;
-        total = total + loss * head_weight;
+        total += loss * head_weight;
         grads.iter_mut().for_each(|g| g.mapv_inplace(|v| v * head_weight));
         all_grads.push(grads);
     }

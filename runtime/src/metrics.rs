@@ -421,20 +421,16 @@ impl Contingency {
         let mut block_of_root = vec![usize::MAX; rows + cols];
         let mut block_shape: Vec<(usize, usize)> = Vec::new();
         let mut local = vec![0_usize; rows + cols];
-        for node in 0..rows + cols {
+        for (node, position) in local.iter_mut().enumerate() {
             let root = find_root(&mut parent, node);
             if block_of_root[root] == usize::MAX {
                 block_of_root[root] = block_shape.len();
                 block_shape.push((0, 0));
             }
             let shape = &mut block_shape[block_of_root[root]];
-            if node < rows {
-                local[node] = shape.0;
-                shape.0 += 1;
-            } else {
-                local[node] = shape.1;
-                shape.1 += 1;
-            }
+            let counter = if node < rows { &mut shape.0 } else { &mut shape.1 };
+            *position = *counter;
+            *counter += 1;
         }
         let mut block_cells: Vec<Vec<Cell>> = vec![Vec::new(); block_shape.len()];
         for cell in &self.cells {

@@ -45,7 +45,7 @@ impl PixelFormat {
             PixelFormat::Rgb8 | PixelFormat::Bgr8 => 3,
             PixelFormat::Gray8 => 1,
             PixelFormat::Yuyv => {
-                if width % 2 != 0 {
+                if !width.is_multiple_of(2) {
                     return None;
                 }
                 2
@@ -127,7 +127,7 @@ impl<'a> Frame<'a> {
     fn yuv(&self, x: usize, y: usize) -> (f32, f32, f32) {
         let pair = (y * self.width + (x & !1)) * 2;
         let d = &self.data[pair..pair + 4];
-        let luma = if x % 2 == 0 { d[0] } else { d[2] };
+        let luma = if x.is_multiple_of(2) { d[0] } else { d[2] };
         (luma as f32, d[1] as f32, d[3] as f32)
     }
 
