@@ -63,6 +63,24 @@ impl Backbone {
         chw: Option<(usize, usize, usize)>,
         origin: &str,
     ) -> Result<Backbone> {
+        // The graph comes from a file; a malformed one must be an error, even where the
+        // engine's own checks would abort instead of returning one.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Backbone::build(proto, chw, origin)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::inference(
+                origin,
+                "the inference engine failed on this graph; the network is malformed",
+            ))
+        })
+    }
+
+    fn build(
+        proto: &ModelProto,
+        chw: Option<(usize, usize, usize)>,
+        origin: &str,
+    ) -> Result<Backbone> {
         let fail = |stage: &str, e: &dyn std::fmt::Display| {
             Error::inference(
                 origin,
