@@ -1,0 +1,465 @@
+//! `sc-train`: train Self-Classifier models, evaluate them, predict clusters, export
+//! bundles. The logic lives in the library; this file parses flags and prints results.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use selfclass_trainer::augment::AugmentConfig;
+use selfclass_trainer::data::{Dataset, Split};
+use selfclass_trainer::model::{BackboneConfig, ModelConfig};
+use selfclass_trainer::optim::OptimizerKind;
+use selfclass_trainer::train::{self, RunInputs, TrainConfig};
+use selfclass_trainer::{eval, export};
+
+#[derive(Parser)]
+#[command(
+    name = "sc-train",
+    version,
+    about = "Learn classes from unlabelled images (Self-Classifier)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads for the numeric kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model; writes checkpoints every epoch and a bundle at the end.
+    Train(TrainArgs),
+    /// Score a model's clusters against the labels of a data set.
+    Eval(EvalArgs),
+    /// Write each image's cluster under every head, and a confidence, as CSV.
+    Predict(PredictArgs),
+    /// Write a `.scb` bundle (and optionally the ONNX network) from a checkpoint.
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Arch {
+    /// The reference network: 3x3 conv blocks, then pooling.
+    Plain,
+    /// A compact ResNet of basic blocks.
+    Resnet,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Opt {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// IDX file, directory of IDX files, or image folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Directory for checkpoints and the final bundle.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue the run whose checkpoint is in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Backbone family.
+    #[arg(long, value_enum, default_value_t = Arch::Plain)]
+    arch: Arch,
+    /// Channels of each block of the plain backbone.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    widths: Vec<usize>,
+    /// Channels of the ResNet's first stage (each later stage doubles it).
+    #[arg(long, default_value_t = 32)]
+    resnet_width: usize,
+    /// Residual blocks per ResNet stage.
+    #[arg(long, value_delimiter = ',', default_value = "1,1,1,1")]
+    resnet_blocks: Vec<usize>,
+    /// Hidden width of the projection MLP.
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    /// Embedding dimension.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Classes of each head.
+    #[arg(long, num_args = 1.., default_values_t = [10, 20, 40, 80])]
+    heads: Vec<usize>,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Images per step; at least 4 x the largest head.
+    #[arg(long, default_value_t = 320)]
+    batch: usize,
+    #[arg(long, value_enum, default_value_t = Opt::Adamw)]
+    optimizer: Opt,
+    /// Peak learning rate (default 1e-3 for AdamW, 0.05 for SGD).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// Epochs of linear warm-up before the cosine decay.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_epochs: f64,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long, default_value_t = 0.0)]
+    final_lr_fraction: f64,
+    /// Row (class) softmax temperature.
+    #[arg(long, default_value_t = 0.1)]
+    row_temp: f64,
+    /// Column (batch) softmax temperature.
+    #[arg(long, default_value_t = 0.05)]
+    col_temp: f64,
+    /// Past embeddings kept for the nearest-neighbour positive.
+    #[arg(long, default_value_t = 8192)]
+    nn_queue: usize,
+    /// Disable the nearest-neighbour positive.
+    #[arg(long)]
+    no_nn: bool,
+    /// Small local crops per image, besides the two global views.
+    #[arg(long, default_value_t = 2)]
+    local_crops: usize,
+    /// Side of the local crops in pixels.
+    #[arg(long, default_value_t = 16)]
+    local_size: usize,
+    /// Area range of the global crops, "min,max".
+    #[arg(long, value_delimiter = ',', default_value = "0.4,1.0")]
+    global_scale: Vec<f32>,
+    /// Area range of the local crops, "min,max".
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.4")]
+    local_scale: Vec<f32>,
+    /// Probability of a horizontal flip.
+    #[arg(long, default_value_t = 0.5)]
+    flip: f32,
+    /// Brightness offset range.
+    #[arg(long, default_value_t = 0.3)]
+    brightness: f32,
+    /// Contrast factor range around 1.
+    #[arg(long, default_value_t = 0.4)]
+    contrast: f32,
+    /// Probability of a Gaussian blur.
+    #[arg(long, default_value_t = 0.0)]
+    blur: f32,
+    /// Probability of Gaussian noise.
+    #[arg(long, default_value_t = 0.0)]
+    noise: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out data for the per-epoch report (default: the test split of --data).
+    #[arg(long)]
+    test_data: Option<PathBuf>,
+    /// Training images used as the k-NN bank in the per-epoch report (0: no k-NN).
+    #[arg(long, default_value_t = 10_000)]
+    knn_bank: usize,
+    #[arg(long, default_value_t = 20)]
+    knn_k: usize,
+    /// Embedding pairs stored in the bundle for on-device replay.
+    #[arg(long, default_value_t = 3000)]
+    anchors: usize,
+    /// Where to write the final bundle (default: OUT/model.scb).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Stop after this many epochs in this invocation (continue with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Use at most this many training images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory or a `.scb` bundle.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Head to score (index); default: the head with as many classes as the labels.
+    #[arg(long)]
+    head: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A checkpoint directory or a `.scb` bundle.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// CSV file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Bundle to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the f32 ONNX network here.
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// Training data for the replay anchors (none without it).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 3000)]
+    anchors: usize,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("setting up threads")?;
+    }
+    let device = default_device()?;
+    match cli.command {
+        Command::Train(args) => train_command(args, &device),
+        Command::Eval(args) => eval_command(args, &device),
+        Command::Predict(args) => predict_command(args, &device),
+        Command::Export(args) => export_command(args, &device),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn default_device() -> Result<Device> {
+    Ok(Device::new_cuda(0)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn default_device() -> Result<Device> {
+    Ok(Device::Cpu)
+}
+
+fn pair(values: &[f32], flag: &str) -> Result<(f32, f32)> {
+    match values {
+        [lo, hi] => Ok((*lo, *hi)),
+        _ => bail!("--{flag} takes two numbers, \"min,max\""),
+    }
+}
+
+fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut train_set = Dataset::load(&args.data, Split::Train)?;
+    if let Some(limit) = args.limit {
+        train_set = train_set.take(limit);
+    }
+    let test_path = args.test_data.clone().unwrap_or_else(|| args.data.clone());
+    let test_set = match Dataset::load(&test_path, Split::Test) {
+        Ok(set) => Some(set),
+        Err(e) => {
+            tracing::info!("no labelled test split, per-epoch scores disabled: {e}");
+            None
+        }
+    };
+    tracing::info!(images = train_set.len(), size = ?(train_set.channels, train_set.height, train_set.width), "training data loaded");
+
+    if args.no_nn && args.nn_queue != 8192 {
+        bail!("--no-nn and --nn-queue contradict each other: give one of them");
+    }
+    let (lr, optimizer) = match args.optimizer {
+        Opt::Adamw => {
+            (args.lr.unwrap_or(1e-3), OptimizerKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 })
+        }
+        Opt::Sgd => (args.lr.unwrap_or(0.05), OptimizerKind::Sgd { momentum: args.momentum }),
+    };
+    let backbone = match args.arch {
+        Arch::Plain => BackboneConfig::Plain { widths: args.widths.clone() },
+        Arch::Resnet => {
+            BackboneConfig::Resnet { width: args.resnet_width, blocks: args.resnet_blocks.clone() }
+        }
+    };
+    let (mean, std) = train::channel_stats(&train_set);
+    let config = TrainConfig {
+        model: ModelConfig {
+            in_channels: train_set.channels,
+            backbone,
+            hidden: args.hidden,
+            dim: args.dim,
+            heads: args.heads.clone(),
+        },
+        augment: AugmentConfig {
+            global_scale: pair(&args.global_scale, "global-scale")?,
+            local_crops: args.local_crops,
+            local_size: args.local_size,
+            local_scale: pair(&args.local_scale, "local-scale")?,
+            flip: args.flip,
+            brightness: args.brightness,
+            contrast: args.contrast,
+            blur: args.blur,
+            noise: args.noise,
+            noise_std: 0.03,
+            mean,
+            std,
+        },
+        epochs: args.epochs,
+        batch_size: args.batch,
+        optimizer,
+        lr,
+        weight_decay: args.weight_decay,
+        warmup_epochs: args.warmup_epochs,
+        final_lr_fraction: args.final_lr_fraction,
+        row_temperature: args.row_temp,
+        col_temperature: args.col_temp,
+        nn_queue: if args.no_nn { 0 } else { args.nn_queue },
+        seed: args.seed,
+        knn_bank: args.knn_bank,
+        knn_k: args.knn_k,
+    };
+    let train_set = Arc::new(train_set);
+    let inputs = RunInputs {
+        train: train_set.clone(),
+        test: test_set.clone(),
+        out_dir: args.out.clone(),
+        resume: args.resume,
+        stop_after: args.stop_after,
+        progress: !args.quiet,
+        command_line: command_line.clone(),
+    };
+    let output = train::run(config, inputs, device)?;
+    if output.state.epochs_done < output.state.config.epochs {
+        tracing::info!(
+            epochs_done = output.state.epochs_done,
+            "stopped early; continue with --resume"
+        );
+        return Ok(());
+    }
+    let bundle_path = args.bundle.unwrap_or_else(|| args.out.join("model.scb"));
+    let mut model = output.model;
+    let bundle =
+        export::build_bundle(&mut model, &output.state, &train_set, args.anchors, &command_line)?;
+    bundle.save(&bundle_path)?;
+    tracing::info!(path = %bundle_path.display(), "bundle written");
+    Ok(())
+}
+
+/// Embeddings and head outputs from either a checkpoint directory or a bundle.
+fn load_predictions(
+    model_path: &Path,
+    data: &Dataset,
+    device: &Device,
+) -> Result<(Vec<usize>, Vec<Vec<u32>>, Vec<f32>)> {
+    if model_path.is_dir() {
+        let (mut model, state) = train::load_model(model_path, device)?;
+        let z = eval::embed_dataset(&mut model, data, &state.mean, &state.std)?;
+        let (clusters, confidence) = eval::predict(&model, &z)?;
+        Ok((model.config.heads.clone(), clusters, confidence))
+    } else {
+        let (heads, clusters, confidence) = export::predict_with_bundle(model_path, data)?;
+        Ok((heads, clusters, confidence))
+    }
+}
+
+fn eval_command(args: EvalArgs, device: &Device) -> Result<()> {
+    let split: Split = args.split.parse()?;
+    let data = Dataset::load(&args.data, split)?;
+    let Some(labels) = data.labels.clone() else {
+        bail!(
+            "{}: the {} split has no labels, so there is nothing to score against",
+            args.data.display(),
+            args.split
+        );
+    };
+    let (heads, clusters, _) = load_predictions(&args.model, &data, device)?;
+    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let head = match args.head {
+        Some(h) if h >= heads.len() => {
+            bail!("--head {h}: the model has {} heads (0..{})", heads.len(), heads.len() - 1)
+        }
+        Some(h) => h,
+        None => heads.iter().position(|&k| k == classes).unwrap_or(0),
+    };
+    let scores = selfclass_runtime::metrics::score(&labels, &clusters[head])?;
+    let report = serde_json::json!({
+        "head": head,
+        "head_classes": heads[head],
+        "acc": scores.acc,
+        "nmi": scores.nmi,
+        "ami": scores.ami,
+        "ari": scores.ari,
+        "n": scores.n,
+        "clusters_used": scores.clusters_used,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "head {head} ({} classes): ACC {:.4}  NMI {:.4}  AMI {:.4}  ARI {:.4}  on {} images, {} clusters used",
+            heads[head], scores.acc, scores.nmi, scores.ami, scores.ari, scores.n, scores.clusters_used
+        );
+    }
+    Ok(())
+}
+
+fn predict_command(args: PredictArgs, device: &Device) -> Result<()> {
+    use std::io::Write;
+    let split: Split = args.split.parse()?;
+    let data = Dataset::load(&args.data, split)?;
+    let (heads, clusters, confidence) = load_predictions(&args.model, &data, device)?;
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let header: Vec<String> =
+        heads.iter().enumerate().map(|(i, k)| format!("head{i}_k{k}")).collect();
+    writeln!(out, "index,{},confidence", header.join(","))?;
+    for i in 0..data.len() {
+        let row: Vec<String> = clusters.iter().map(|c| c[i].to_string()).collect();
+        writeln!(out, "{i},{},{:.4}", row.join(","), confidence[i])?;
+    }
+    out.flush().with_context(|| format!("writing {}", args.out.display()))?;
+    tracing::info!(images = data.len(), path = %args.out.display(), "predictions written");
+    Ok(())
+}
+
+fn export_command(args: ExportArgs, device: &Device) -> Result<()> {
+    let (mut model, state) = train::load_model(&args.checkpoint, device)?;
+    let anchors_from = match &args.data {
+        Some(path) => Dataset::load(path, Split::Train)?,
+        None => Dataset {
+            pixels: Vec::new(),
+            channels: state.input_chw.0,
+            height: state.input_chw.1,
+            width: state.input_chw.2,
+            labels: None,
+            class_names: Vec::new(),
+            origin: PathBuf::new(),
+        },
+    };
+    let bundle =
+        export::build_bundle(&mut model, &state, &anchors_from, args.anchors, &state.command_line)?;
+    bundle.save(&args.out)?;
+    if let Some(onnx) = &args.onnx {
+        let bytes = export::onnx_bytes(&mut model, state.input_chw)?;
+        std::fs::write(onnx, bytes).with_context(|| format!("writing {}", onnx.display()))?;
+    }
+    tracing::info!(path = %args.out.display(), "bundle written");
+    Ok(())
+}
