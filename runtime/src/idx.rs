@@ -111,6 +111,49 @@ pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
     Ok(labels)
 }
 
+/// Like [`read_images`], from a file's bytes (gzipped or not) already in memory, such as a
+/// sample compiled into a program; `origin` names them in errors.
+pub fn images_from_bytes(raw: &[u8], origin: &str) -> Result<IdxImages> {
+    let (dims, pixels) = idx_from_bytes(raw, origin)?;
+    match dims.as_slice() {
+        [count, rows, cols] if *rows > 0 && *cols > 0 => {
+            Ok(IdxImages { count: *count, rows: *rows, cols: *cols, pixels })
+        }
+        _ => Err(Error::invalid(
+            "IDX file",
+            format!("{origin}: dimensions {dims:?} are not count x rows x cols images"),
+        )),
+    }
+}
+
+/// Like [`read_labels`], from a file's bytes already in memory.
+pub fn labels_from_bytes(raw: &[u8], origin: &str) -> Result<Vec<u8>> {
+    let (dims, labels) = idx_from_bytes(raw, origin)?;
+    if dims.len() != 1 {
+        return Err(Error::invalid(
+            "IDX file",
+            format!("{origin}: dimensions {dims:?} are not a label vector"),
+        ));
+    }
+    Ok(labels)
+}
+
+fn idx_from_bytes(raw: &[u8], origin: &str) -> Result<(Vec<usize>, Vec<u8>)> {
+    let mut inflated = Vec::new();
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(raw)
+            .take(MAX_IDX_BYTES + 1024)
+            .read_to_end(&mut inflated)
+            .map_err(|e| Error::invalid("IDX file", format!("{origin}: decompressing: {e}")))?;
+        inflated.as_slice()
+    } else {
+        raw
+    };
+    parse_idx(bytes).map_err(|reason| {
+        Error::invalid("IDX file", format!("{origin}: {reason}; expected an MNIST-layout IDX file"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

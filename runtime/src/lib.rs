@@ -7,9 +7,15 @@
 //! [`loss`] holds the uniform-prior loss with its exact gradient that both the server
 //! trainer and on-device adaptation use; [`bundle`] is the one-file model format;
 //! [`metrics`] scores clusterings against labels.
+//!
+//! On the device, [`replay`] keeps embedding pairs of what the camera saw (and anchor
+//! pairs from the server), [`adapt`] trains the heads on them with the same loss under a
+//! collapse guard, and [`discover`] summarises the clusters in a set of embeddings.
 
+pub mod adapt;
 pub mod backbone;
 pub mod bundle;
+pub mod discover;
 pub mod error;
 pub mod fsutil;
 pub mod head;
@@ -17,5 +23,6 @@ pub mod idx;
 pub mod loss;
 pub mod metrics;
 pub mod preprocess;
+pub mod replay;
 
 pub use error::{Error, Result};
