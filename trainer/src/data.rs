@@ -127,8 +127,15 @@ fn find_idx(dir: &Path, split: Split, kind: &str) -> Option<PathBuf> {
 
 fn labels_file_beside(images: &Path) -> Option<PathBuf> {
     let name = images.file_name()?.to_str()?;
-    let labels = images.with_file_name(name.replace("images-idx3", "labels-idx1"));
-    (labels != images && labels.is_file()).then_some(labels)
+    let labels = name.replace("images-idx3", "labels-idx1");
+    if labels == name {
+        return None;
+    }
+    let plain = labels.trim_end_matches(".gz").to_string();
+    [labels, format!("{plain}.gz"), plain]
+        .into_iter()
+        .map(|n| images.with_file_name(n))
+        .find(|p| p.is_file())
 }
 
 fn read_maybe_gzipped(path: &Path) -> Result<Vec<u8>> {

@@ -454,3 +454,71 @@ pub fn check_agreement(model: &mut Model, x: &Array4<f32>, tolerance: f32) -> Re
     }
     Ok(worst)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BackboneConfig, Mode, ModelConfig};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random_images(n: usize, c: usize, size: usize, seed: u64) -> Array4<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Array4::from_shape_fn((n, c, size, size), |_| rng.gen_range(-1.5..1.5))
+    }
+
+    /// The device runtime running the exported graph (batch norm folded, f32) reproduces
+    /// the trainer's inference embeddings within 1e-4, for both backbone families. A few
+    /// training-mode passes first make the running statistics far from their initial 0/1,
+    /// so a folding mistake would show.
+    #[test]
+    fn tract_on_the_export_matches_the_trainer() {
+        let configs = [
+            ModelConfig {
+                in_channels: 1,
+                backbone: BackboneConfig::Plain { widths: vec![8, 16, 16] },
+                hidden: 32,
+                dim: 16,
+                heads: vec![4, 6],
+            },
+            ModelConfig {
+                in_channels: 3,
+                backbone: BackboneConfig::Resnet { width: 8, blocks: vec![1, 1] },
+                hidden: 32,
+                dim: 16,
+                heads: vec![5],
+            },
+        ];
+        for (i, config) in configs.into_iter().enumerate() {
+            let c = config.in_channels;
+            let mut model = Model::new(config, i as u64, &Device::Cpu).expect("model");
+            for step in 0..3 {
+                let x = random_images(8, c, 14, 10 + step);
+                let x = Tensor::from_slice(
+                    x.as_slice().expect("standard layout"),
+                    (8, c, 14, 14),
+                    &Device::Cpu,
+                )
+                .expect("tensor");
+                model.embed(&x.affine(2.0, 0.5).expect("scale"), Mode::Train).expect("train pass");
+            }
+            let x = random_images(5, c, 14, 99);
+            let worst = check_agreement(&mut model, &x, 1e-4).expect("agreement");
+            assert!(worst < 1e-4, "case {i}: {worst}");
+        }
+    }
+
+    #[test]
+    fn graph_has_one_image_input_and_one_embedding_output() {
+        let model = Model::new(ModelConfig::reference(1), 0, &Device::Cpu).expect("model");
+        let proto = onnx_model(&model, (1, 28, 28)).expect("export");
+        let graph = proto.graph.expect("graph");
+        assert_eq!(graph.input.len(), 1);
+        assert_eq!(graph.input[0].name, "image");
+        assert_eq!(graph.output.len(), 1);
+        assert_eq!(graph.output[0].name, "embedding");
+        assert_eq!(proto.opset_import[0].version, 17);
+        assert!(!graph.node.iter().any(|n| n.op_type == "BatchNormalization"));
+    }
+}

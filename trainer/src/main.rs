@@ -117,7 +117,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 8192)]
     nn_queue: usize,
     /// Disable the nearest-neighbour positive.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nn_queue")]
     no_nn: bool,
     /// Small local crops per image, besides the two global views.
     #[arg(long, default_value_t = 2)]
@@ -282,9 +282,6 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
     };
     tracing::info!(images = train_set.len(), size = ?(train_set.channels, train_set.height, train_set.width), "training data loaded");
 
-    if args.no_nn && args.nn_queue != 8192 {
-        bail!("--no-nn and --nn-queue contradict each other: give one of them");
-    }
     let (lr, optimizer) = match args.optimizer {
         Opt::Adamw => {
             (args.lr.unwrap_or(1e-3), OptimizerKind::Adamw { beta1: 0.9, beta2: 0.999, eps: 1e-8 })

@@ -689,9 +689,12 @@ mod tests {
                     continue;
                 }
                 let (a, b) = (a.expect("fast grad"), b.expect("stock grad"));
-                let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                // The absolute floor covers gradients that are zero in exact arithmetic (the
+                // bias of a layer followed by batch norm), where both sides hold only
+                // rounding noise.
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(worst <= 1e-3 * scale, "{name}: {worst} vs scale {scale}");
+                assert!(worst <= 1e-3 * scale + 1e-5, "{name}: {worst} vs scale {scale}");
             }
         }
     }
