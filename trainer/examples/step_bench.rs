@@ -51,6 +51,7 @@ fn torch_step_s(batch: usize, steps: usize) -> Option<f64> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    selfclass_trainer::tune_allocator();
     let batch = arg("--batch", 256);
     let steps = arg("--steps", 10);
     let device = Device::Cpu;

@@ -375,12 +375,19 @@ pub fn build_bundle(
     Ok(bundle)
 }
 
-/// Head outputs of a bundle (run with the device runtime) for every image of `data`: the
-/// classes of each head, each head's arg-max per image, and head 0's softmax confidence.
-pub fn predict_with_bundle(
-    path: &Path,
-    data: &Dataset,
-) -> Result<(Vec<usize>, Vec<Vec<u32>>, Vec<f32>)> {
+/// What a model says about every image of a data set.
+#[derive(Debug, Clone)]
+pub struct Predictions {
+    /// Classes of each head.
+    pub head_classes: Vec<usize>,
+    /// Per head, the arg-max class of every image.
+    pub clusters: Vec<Vec<u32>>,
+    /// Softmax probability of head 0's chosen class, per image.
+    pub confidence: Vec<f32>,
+}
+
+/// Head outputs of a bundle, run with the device runtime, for every image of `data`.
+pub fn predict_with_bundle(path: &Path, data: &Dataset) -> Result<Predictions> {
     let bundle = Bundle::load(path).ctx("loading bundle")?;
     let p = &bundle.preprocess;
     if (p.channels as usize, p.height as usize, p.width as usize)
@@ -424,7 +431,11 @@ pub fn predict_with_bundle(
         }
         start = end;
     }
-    Ok((heads.iter().map(Head::classes).collect(), clusters, confidence))
+    Ok(Predictions {
+        head_classes: heads.iter().map(Head::classes).collect(),
+        clusters,
+        confidence,
+    })
 }
 
 /// Checks that the device runtime, running the exported graph, gives the trainer's

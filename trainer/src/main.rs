@@ -28,6 +28,8 @@ struct Cli {
     threads: Option<usize>,
 }
 
+// Parsed once per run, so the size of the training variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Train a model; writes checkpoints every epoch and a bundle at the end.
@@ -223,6 +225,7 @@ struct ExportArgs {
 }
 
 fn main() {
+    selfclass_trainer::tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -385,7 +388,8 @@ fn eval_command(args: EvalArgs, device: &Device) -> Result<()> {
             args.split
         );
     };
-    let (heads, clusters, _) = load_predictions(&args.model, &data, device)?;
+    let export::Predictions { head_classes: heads, clusters, .. } =
+        load_predictions(&args.model, &data, device)?;
     let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     let head = match args.head {
         Some(h) if h >= heads.len() => {
@@ -420,7 +424,8 @@ fn predict_command(args: PredictArgs, device: &Device) -> Result<()> {
     use std::io::Write;
     let split: Split = args.split.parse()?;
     let data = Dataset::load(&args.data, split)?;
-    let (heads, clusters, confidence) = load_predictions(&args.model, &data, device)?;
+    let export::Predictions { head_classes: heads, clusters, confidence } =
+        load_predictions(&args.model, &data, device)?;
     let file = std::fs::File::create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut out = std::io::BufWriter::new(file);

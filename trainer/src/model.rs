@@ -711,10 +711,8 @@ mod tests {
         let state = model.state().expect("state");
         let mut other = Model::new(config.clone(), 6, &Device::Cpu).expect("model");
         other.load_state(&state, "mem".as_ref()).expect("load");
-        let a =
-            model.embed(&x, Mode::Eval).and_then(|t| Ok(t.to_vec2::<f32>().ctx("v")?)).expect("a");
-        let b =
-            other.embed(&x, Mode::Eval).and_then(|t| Ok(t.to_vec2::<f32>().ctx("v")?)).expect("b");
+        let a = model.embed(&x, Mode::Eval).and_then(|t| t.to_vec2::<f32>().ctx("v")).expect("a");
+        let b = other.embed(&x, Mode::Eval).and_then(|t| t.to_vec2::<f32>().ctx("v")).expect("b");
         assert_eq!(a, b);
 
         let wider =

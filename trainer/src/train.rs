@@ -94,7 +94,7 @@ impl TrainConfig {
         if data.height.min(data.width) < 8 {
             return Err(Error::config("images must be at least 8 pixels on each side"));
         }
-        if self.epochs == 0 || !(self.lr > 0.0) || self.weight_decay < 0.0 {
+        if self.epochs == 0 || self.lr.is_nan() || self.lr <= 0.0 || self.weight_decay < 0.0 {
             return Err(Error::config(
                 "epochs and learning rate must be positive, weight decay not negative",
             ));
