@@ -80,8 +80,10 @@ fn unsigned_wrongly_signed_tampered_and_older_bundles_are_refused_each_with_its_
     let err = refusal(&push_damaged(&agent, damaged, 4));
     assert!(err.contains("not a valid bundle") && err.contains("digest mismatch"), "{err}");
 
-    for older in [2, 3] {
-        let err = refusal(&push_bytes(&agent, good_file(older), &fleet_key()));
+    // Older, and equal but different from the installed file (an identical file is
+    // reported as already current instead).
+    for (older, bytes) in [(2, good_file(2)), (3, signed_file("MatMul", 10, 3, &fleet_key()))] {
+        let err = refusal(&push_bytes(&agent, bytes, &fleet_key()));
         assert!(
             err.contains(&format!("version {older} is not above this device's version floor 3")),
             "{err}"
