@@ -50,7 +50,7 @@ fn start_agent_process(dir: &Path) -> (Child, String) {
         .append(true)
         .open(dir.join("agent.log"))
         .expect("log");
-    let child = Command::new(std::env::current_exe().expect("test binary"))
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["helper_agent_process", "--exact", "--nocapture", "--test-threads=1"])
         .env(AGENT_DIR_VAR, dir)
         .env("RUST_LOG", "info")
@@ -63,7 +63,11 @@ fn start_agent_process(dir: &Path) -> (Child, String) {
         if let Ok(address) = std::fs::read_to_string(&port_file) {
             return (child, address);
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "the agent process did not start");
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent process did not start; see {}", dir.join("agent.log").display());
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }

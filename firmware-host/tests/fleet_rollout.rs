@@ -137,7 +137,7 @@ fn the_fleet_program_signs_pushes_reports_and_rolls_back() {
             start_agent_with(config, TestHost::new())
         })
         .collect();
-    let mut inventory = format!("key = \"keys/ops.key\"\n");
+    let mut inventory = String::from("key = \"keys/ops.key\"\n");
     for a in &agents {
         inventory.push_str(&format!(
             "\n[[device]]\nname = \"{}\"\naddress = \"{}\"\n",

@@ -12,8 +12,10 @@ use clap::{Args, Parser, Subcommand};
 use selfclass_firmware_host::agent::{self, AgentConfig, Pacing};
 use selfclass_firmware_host::camera;
 use selfclass_firmware_host::discover_cmd::{self, DiscoverInput, DiscoverOptions};
-use selfclass_firmware_host::pipeline::{adapt_params_for, Model, DEFAULT_MODEL};
+use selfclass_firmware_host::pipeline::{adapt_params_for, resolve_model, Model, DEFAULT_MODEL};
 use selfclass_firmware_host::source::{self, SourceSpec};
+use selfclass_firmware_host::update::edge::{EdgeOptions, EdgeUpdates};
+use selfclass_firmware_host::update::Probation;
 use selfclass_runtime::discover::DiscoverParams;
 use tracing::info;
 
@@ -87,6 +89,19 @@ struct RunArgs {
     /// Seed of the replay's and the augmentation's random draws.
     #[arg(long, default_value_t = 0x5e1f)]
     seed: u64,
+    /// Accept model updates from `fleet` on ADDR (e.g. 0.0.0.0:7700); off unless given.
+    /// Runs the installed model in STATE/update (seeded from --model); needs --state, --trust.
+    #[arg(long, requires_all = ["trust", "state"])]
+    listen: Option<std::net::SocketAddr>,
+    /// Directory of the fleet public keys (*.pub) that may sign models and orders.
+    #[arg(long, requires = "listen")]
+    trust: Option<PathBuf>,
+    /// This device's name in the fleet inventory (default: the host name).
+    #[arg(long, requires = "listen")]
+    device_name: Option<String>,
+    /// Seconds a newly installed model must run before it is kept.
+    #[arg(long, default_value_t = 30.0, requires = "listen")]
+    probation_s: f64,
 }
 
 #[derive(Args, Debug)]
@@ -162,46 +177,6 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
         );
     }
 
-    let model = Model::load(&args.model)?;
-    info!(
-        model = %model.path.display(),
-        version = model.bundle.model_version,
-        heads = ?model.bundle.classes_per_head(),
-        anchors = model.bundle.anchors()?.map_or(0, |(a, _)| a.nrows()),
-        "model loaded"
-    );
-    let channels = model.bundle.preprocess.channels;
-    let source = match (&spec, args.camera) {
-        (Some(spec), _) => source::open(spec, channels, true)?,
-        (None, Some(index)) => camera::open_camera(index, channels)?,
-        (None, None) => unreachable!("checked above"),
-    };
-    let pacing = match (args.fps, &spec) {
-        (Some(f), _) if f == 0.0 => Pacing::Lockstep,
-        (Some(f), _) => Pacing::Rate(f),
-        (None, Some(SourceSpec::Demo)) => Pacing::Rate(1000.0),
-        (None, Some(SourceSpec::Stdin)) | (None, None) => Pacing::Live,
-        (None, Some(SourceSpec::Path(_))) => Pacing::Lockstep,
-    };
-    let mut params = adapt_params_for(model.largest_head());
-    if let Some(lr) = args.learning_rate {
-        params.learning_rate = lr;
-    }
-    let config = AgentConfig {
-        pacing,
-        max_predictions: args.frames,
-        events: args.events,
-        state: args.state,
-        adapt: !args.no_adapt,
-        adapt_budget_ms: args.adapt_budget_ms,
-        replay_capacity: args.replay_capacity,
-        save_every: Duration::from_secs_f64(args.save_every_s),
-        status_every: Duration::from_secs_f64(args.status_every_s),
-        adapt_params: Some(params),
-        seed: args.seed,
-        started,
-    };
-
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
@@ -212,20 +187,93 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
             }
         })?;
     }
-    let summary = agent::run(&model, source, &config, stop)?;
-    info!(
-        predictions = summary.predictions,
-        frames_per_s = format!("{:.1}", summary.predictions_per_s),
-        p50_ms = format!("{:.2}", summary.latency_p50_ms),
-        p99_ms = format!("{:.2}", summary.latency_p99_ms),
-        dropped = summary.dropped,
-        first_prediction_ms = format!("{:.0}", summary.first_prediction_ms),
-        adapt_steps = summary.adapt_steps,
-        rollbacks = summary.rollbacks,
-        replay = summary.replay_len,
-        "done"
-    );
-    Ok(())
+    // With --listen the agent runs the installed model, and a model that `fleet` installs
+    // (or a rollback) ends the run so the loop below starts again on it.
+    let updates = match args.listen {
+        Some(listen) => {
+            anyhow::ensure!(
+                args.probation_s.is_finite() && args.probation_s > 0.0,
+                "--probation-s {}: must be a positive number of seconds",
+                args.probation_s
+            );
+            let window = Duration::from_secs_f64(args.probation_s);
+            let options = EdgeOptions {
+                listen,
+                trust_dir: args.trust.clone().unwrap_or_default(),
+                state_dir: args.state.clone().unwrap_or_default(),
+                seed_model: resolve_model(&args.model)?,
+                device_name: args.device_name.clone(),
+                probation: Probation { window, min_frames: 1, max_wait: window * 4 },
+            };
+            Some(EdgeUpdates::start(options, Arc::clone(&stop))?)
+        }
+        None => None,
+    };
+    loop {
+        let model_path = updates.as_ref().map_or_else(|| args.model.clone(), |u| u.model_path());
+        let model = Model::load(&model_path)?;
+        info!(
+            model = %model.path.display(),
+            version = model.bundle.model_version,
+            heads = ?model.bundle.classes_per_head(),
+            anchors = model.bundle.anchors()?.map_or(0, |(a, _)| a.nrows()),
+            "model loaded"
+        );
+        let channels = model.bundle.preprocess.channels;
+        let source = match (&spec, args.camera) {
+            (Some(spec), _) => source::open(spec, channels, true)?,
+            (None, Some(index)) => camera::open_camera(index, channels)?,
+            (None, None) => unreachable!("checked above"),
+        };
+        let source = match &updates {
+            Some(updates) => updates.count_frames(source),
+            None => source,
+        };
+        let pacing = match (args.fps, &spec) {
+            (Some(f), _) if f == 0.0 => Pacing::Lockstep,
+            (Some(f), _) => Pacing::Rate(f),
+            (None, Some(SourceSpec::Demo)) => Pacing::Rate(1000.0),
+            (None, Some(SourceSpec::Stdin)) | (None, None) => Pacing::Live,
+            (None, Some(SourceSpec::Path(_))) => Pacing::Lockstep,
+        };
+        let mut params = adapt_params_for(model.largest_head());
+        if let Some(lr) = args.learning_rate {
+            params.learning_rate = lr;
+        }
+        let config = AgentConfig {
+            pacing,
+            max_predictions: args.frames,
+            events: args.events.clone(),
+            state: args.state.clone(),
+            adapt: !args.no_adapt,
+            adapt_budget_ms: args.adapt_budget_ms,
+            replay_capacity: args.replay_capacity,
+            save_every: Duration::from_secs_f64(args.save_every_s),
+            status_every: Duration::from_secs_f64(args.status_every_s),
+            adapt_params: Some(params),
+            seed: args.seed,
+            started,
+        };
+
+        let summary = agent::run(&model, source, &config, Arc::clone(&stop))?;
+        if updates.as_ref().is_some_and(|u| u.take_restart()) {
+            info!("model changed by an update; restarting on it");
+            continue;
+        }
+        info!(
+            predictions = summary.predictions,
+            frames_per_s = format!("{:.1}", summary.predictions_per_s),
+            p50_ms = format!("{:.2}", summary.latency_p50_ms),
+            p99_ms = format!("{:.2}", summary.latency_p99_ms),
+            dropped = summary.dropped,
+            first_prediction_ms = format!("{:.0}", summary.first_prediction_ms),
+            adapt_steps = summary.adapt_steps,
+            rollbacks = summary.rollbacks,
+            replay = summary.replay_len,
+            "done"
+        );
+        return Ok(());
+    }
 }
 
 fn discover(args: DiscoverArgs) -> anyhow::Result<()> {

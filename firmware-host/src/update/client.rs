@@ -126,7 +126,7 @@ impl DeviceClient {
     /// The device's status; needs no key.
     pub fn status(&mut self) -> Result<DeviceStatus> {
         match self.call(&Request::Status)? {
-            Response::Status(status) => Ok(status),
+            Response::Status(status) => Ok(*status),
             other => Err(self.unexpected("status", &other)),
         }
     }

@@ -38,6 +38,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod edge;
 pub mod error;
 pub mod protocol;
 pub mod rollout;

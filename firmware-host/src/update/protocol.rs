@@ -43,7 +43,8 @@ pub enum Request {
 /// What a device answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    Status(DeviceStatus),
+    /// Boxed: the other answers are a few bytes.
+    Status(Box<DeviceStatus>),
     Challenge {
         nonce: [u8; 32],
         device_unix_ms: u64,

@@ -252,7 +252,7 @@ impl Shared {
 
     fn handle(self: &Arc<Self>, request: Request, peer: &str) -> Response {
         let result = match request {
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => Ok(Response::Status(Box::new(self.status()))),
             Request::Challenge => Ok(self.challenge()),
             Request::Order(signed) => self.order(&signed, peer),
             Request::Chunk(chunk) => self.chunk(&chunk),
