@@ -42,6 +42,8 @@ fn helper_agent_process() {
     }
 }
 
+// The child is handed to the caller, which kills and reaps it.
+#[allow(clippy::zombie_processes)]
 fn start_agent_process(dir: &Path) -> (Child, String) {
     let port_file = dir.join("port");
     let _ = std::fs::remove_file(&port_file);
