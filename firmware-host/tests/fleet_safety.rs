@@ -302,3 +302,20 @@ fn an_agent_stopped_during_probation_goes_back_to_the_previous_model_when_it_res
     );
     assert_eq!(restarted.host.activations(), vec![1]);
 }
+
+/// Regression: pushing again the version a device had been ordered away from was reported
+/// as a failed probation of that version. The device refuses it for its floor, and the
+/// report must say so.
+#[test]
+fn pushing_again_a_version_that_was_rolled_back_is_refused_for_the_floor() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let agent = start_agent(root.path(), "cam-again", 1);
+    assert!(push_bytes(&agent, good_file(2), &fleet_key()).succeeded());
+    let mut client =
+        DeviceClient::connect("cam-again", &agent.address, fast_push().timeouts).expect("connect");
+    assert_eq!(client.rollback(&fleet_key(), "test").expect("rollback"), (2, 1));
+
+    let err = refusal(&push_bytes(&agent, good_file(2), &fleet_key()));
+    assert!(err.contains("version 2 is not above this device's version floor 2"), "{err}");
+    assert_eq!(agent.server.status().installed.map(|m| m.version), Some(1));
+}

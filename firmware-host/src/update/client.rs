@@ -324,6 +324,9 @@ fn push_inner(
     let version = package.version();
     let device = report.device.clone();
     let mut installed = false;
+    // Set once an install order went out: from then on a lost answer is looked up in the
+    // device's state instead of offering the file again.
+    let mut install_sent = false;
     while !installed {
         report.connections += 1;
         progress(PushPhase::Connecting { attempt: report.connections });
@@ -333,8 +336,8 @@ fn push_inner(
             if report.old_version.is_none() {
                 report.old_version = status.installed.map(|m| m.version);
             }
-            if let Some(done) = install_happened(&status, version) {
-                return Ok(done);
+            if install_sent && install_happened(&status, version) {
+                return Ok(true);
             }
             if status.installed.is_some_and(|m| m.file_sha256 == package.manifest.file_sha256)
                 && status.state == DeviceState::Running
@@ -342,7 +345,7 @@ fn push_inner(
                 report.already_current = true;
                 return Ok(true);
             }
-            transfer_and_install(&mut client, report, key, package, progress)?;
+            transfer_and_install(&mut client, report, key, package, &mut install_sent, progress)?;
             Ok(true)
         })();
         match attempt {
@@ -361,13 +364,14 @@ fn push_inner(
     follow_probation(report, address, version, options, progress)
 }
 
-/// Whether the device's status shows that an install of `version` was already ordered
-/// (the answer to the install may have been lost with a connection).
-fn install_happened(status: &DeviceStatus, version: u64) -> Option<bool> {
+/// Whether the device's status shows that the install of `version` this push ordered took
+/// place (its answer may have been lost with a connection).
+fn install_happened(status: &DeviceStatus, version: u64) -> bool {
     match &status.state {
-        DeviceState::Probation { version: v, .. } if *v == version => Some(true),
-        DeviceState::RolledBack { from_version, .. } if *from_version == version => Some(true),
-        _ => None,
+        DeviceState::Probation { version: v, .. } => *v == version,
+        DeviceState::RolledBack { from_version, .. } => *from_version == version,
+        DeviceState::Running => status.installed.is_some_and(|m| m.version == version),
+        DeviceState::NoModel => false,
     }
 }
 
@@ -376,6 +380,7 @@ fn transfer_and_install(
     report: &mut PushReport,
     key: &FleetKey,
     package: &Package,
+    install_sent: &mut bool,
     progress: &dyn Fn(PushPhase),
 ) -> Result<()> {
     let device = client.device().to_string();
@@ -406,6 +411,7 @@ fn transfer_and_install(
     }
     progress(PushPhase::Transferring { chunks_sent: chunks, chunks });
     progress(PushPhase::Installing);
+    *install_sent = true;
     match client.order(key, Action::Install { file_sha256: package.manifest.file_sha256 })? {
         Response::Installed { .. } => Ok(()),
         other => Err(client.unexpected("install", &other)),
