@@ -385,12 +385,15 @@ fn print_rollout_table(results: &[DeviceResult]) {
         })
         .collect();
     print_table(&["DEVICE", "STAGE", "OLD", "NEW", "TIME", "OUTCOME"], &rows);
-    let updated = results
-        .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Updated | Outcome::AlreadyCurrent))
-        .count();
-    let failed = results.iter().filter(|r| r.outcome.is_failure()).count();
-    println!("{updated} updated, {failed} failed, {} skipped", results.len() - updated - failed);
+    let count =
+        |wanted: fn(&Outcome) -> bool| results.iter().filter(|r| wanted(&r.outcome)).count();
+    println!(
+        "{} updated, {} already current, {} failed, {} skipped",
+        count(|o| matches!(o, Outcome::Updated)),
+        count(|o| matches!(o, Outcome::AlreadyCurrent)),
+        count(|o| matches!(o, Outcome::Failed(_))),
+        count(|o| matches!(o, Outcome::Skipped(_)))
+    );
 }
 
 fn print_json<T: Serialize>(value: &T) {
