@@ -456,6 +456,9 @@ impl Shared {
             self.config.probation.window.as_secs_f32()
         );
 
+        // Counted from before the switch, so nothing the new model does escapes the window
+        // (an event of the old model in between counts against the new one: the safe side).
+        let baseline = self.host.health();
         let path = inner.store.current_path();
         if let Err(reason) = self.host.activate(&path, &bundle) {
             let reason = format!("v{} does not load: {reason}", installed.version);
@@ -463,7 +466,6 @@ impl Shared {
             return Err(UpdateError::model(&device, format!("install of {what}"), reason));
         }
         inner.generation += 1;
-        let baseline = self.host.health();
         inner.probation = Some(ProbationRun {
             version: installed.version,
             started: Instant::now(),
