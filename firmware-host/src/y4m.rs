@@ -234,9 +234,11 @@ fn parse_header(line: &[u8]) -> Result<Y4mHeader, Y4mError> {
                     "422" => Chroma::C422,
                     "444" => Chroma::C444,
                     "mono" => Chroma::Mono,
-                    other => return Err(bad(format!(
+                    other => {
+                        return Err(bad(format!(
                         "colour space {other} is not supported (8-bit 420, 422, 444 or mono are)"
-                    ))),
+                    )))
+                    }
                 }
             }
             "I" => {
