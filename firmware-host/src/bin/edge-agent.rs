@@ -74,7 +74,7 @@ struct RunArgs {
     /// Milliseconds per second the adaptation thread may compute.
     #[arg(long, default_value_t = 400)]
     adapt_budget_ms: u64,
-    /// Adam step size of adaptation.
+    /// Adam step size of adaptation (default 0.01).
     #[arg(long)]
     learning_rate: Option<f64>,
     /// Stream pairs the replay buffer holds.
