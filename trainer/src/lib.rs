@@ -19,17 +19,25 @@ pub mod train;
 
 pub use error::{Error, Result};
 
-/// Keeps freed activation buffers in the process heap instead of returning them to the
-/// system, so the next step reuses them without page faults (a training step allocates
-/// and frees the same large buffers every time; unmapping and re-faulting them cost about
-/// a tenth of a step on the CPU). Call once at start-up; a no-op outside glibc.
-pub fn tune_allocator() {
+/// Sets the process up for CPU training; call once at start-up, before any thread starts.
+///
+/// - Freed activation buffers stay in the process heap instead of going back to the
+///   system, so the next step reuses them without page faults (a step allocates and frees
+///   the same large buffers every time; unmapping and re-faulting them cost about a tenth
+///   of a step). A no-op outside glibc.
+/// - candle's own pool for elementwise operations is kept to the calling thread unless
+///   `CANDLE_NUM_THREADS` says otherwise: the heavy layers run on rayon, and on a small
+///   machine the pool's spin-waiting took an eighth of a step's CPU time from them.
+pub fn tune_cpu() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; it is called before any thread
-    // allocates concurrently and takes plain integers.
+    // SAFETY: mallopt only changes allocator thresholds and takes plain integers.
     unsafe {
-        // The largest mmap threshold glibc accepts on 64-bit systems is 32 MiB.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // Activations of the first layers exceed the largest mmap threshold glibc accepts
+        // (32 MiB), so mmap is switched off altogether: every block comes from the heap.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }

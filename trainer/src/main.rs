@@ -225,7 +225,7 @@ struct ExportArgs {
 }
 
 fn main() {
-    selfclass_trainer::tune_allocator();
+    selfclass_trainer::tune_cpu();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -366,15 +366,14 @@ fn load_predictions(
     model_path: &Path,
     data: &Dataset,
     device: &Device,
-) -> Result<(Vec<usize>, Vec<Vec<u32>>, Vec<f32>)> {
+) -> Result<export::Predictions> {
     if model_path.is_dir() {
         let (mut model, state) = train::load_model(model_path, device)?;
         let z = eval::embed_dataset(&mut model, data, &state.mean, &state.std)?;
         let (clusters, confidence) = eval::predict(&model, &z)?;
-        Ok((model.config.heads.clone(), clusters, confidence))
+        Ok(export::Predictions { head_classes: model.config.heads.clone(), clusters, confidence })
     } else {
-        let (heads, clusters, confidence) = export::predict_with_bundle(model_path, data)?;
-        Ok((heads, clusters, confidence))
+        Ok(export::predict_with_bundle(model_path, data)?)
     }
 }
 
