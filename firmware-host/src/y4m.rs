@@ -241,10 +241,8 @@ fn parse_header(line: &[u8]) -> Result<Y4mHeader, Y4mError> {
                     }
                 }
             }
-            "I" => {
-                if value != "p" && value != "?" {
-                    return Err(bad(format!("interlaced video (I{value}) is not supported")));
-                }
+            "I" if value != "p" && value != "?" => {
+                return Err(bad(format!("interlaced video (I{value}) is not supported")));
             }
             "X" => match value {
                 "COLORRANGE=FULL" => range = Some(true),

@@ -544,7 +544,7 @@ impl Adapter {
         let mut report = self.step_on(&batch)?;
 
         let every = self.params.guard.check_every;
-        if every > 0 && self.steps % every == 0 {
+        if self.steps.checked_rem(every) == Some(0) {
             let (probe, _) = replay.sample_stream(self.params.guard.probe_size, rng);
             report.guard = Some(self.check(probe.view()));
         }

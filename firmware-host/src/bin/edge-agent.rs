@@ -230,8 +230,8 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
             None => source,
         };
         let pacing = match (args.fps, &spec) {
-            (Some(f), _) if f == 0.0 => Pacing::Lockstep,
-            (Some(f), _) => Pacing::Rate(f),
+            (Some(f), _) if f > 0.0 => Pacing::Rate(f),
+            (Some(_), _) => Pacing::Lockstep,
             (None, Some(SourceSpec::Demo)) => Pacing::Rate(1000.0),
             (None, Some(SourceSpec::Stdin)) | (None, None) => Pacing::Live,
             (None, Some(SourceSpec::Path(_))) => Pacing::Lockstep,
