@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 
+#[cfg(not(feature = "camera"))]
 use crate::source::FrameSource;
 
 /// The `/dev/video*` nodes present, for error messages.
