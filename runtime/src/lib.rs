@@ -24,5 +24,7 @@ pub mod loss;
 pub mod metrics;
 pub mod preprocess;
 pub mod replay;
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::{Error, Result};

@@ -3,81 +3,14 @@
 
 use ndarray::{Array1, Array2, Array4};
 use proptest::prelude::*;
-use prost::Message;
 use selfclass_runtime::backbone::Backbone;
 use selfclass_runtime::bundle::{
     Bundle, Preprocess, Provenance, ResizePolicy, Signature, MAX_BODY_BYTES,
 };
 use selfclass_runtime::head::Head;
+use selfclass_runtime::testing::tiny_onnx;
 use selfclass_runtime::Error;
 use sha2::{Digest, Sha256};
-use tract_onnx::pb::{
-    tensor_proto::DataType, tensor_shape_proto::dimension::Value as DimValue,
-    tensor_shape_proto::Dimension, type_proto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
-
-/// A float tensor type of the given dims (`None` for the symbolic batch).
-fn tensor_type(dims: &[Option<i64>]) -> Option<TypeProto> {
-    let dim = dims
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Some(v) => DimValue::DimValue(*v),
-                None => DimValue::DimParam("N".into()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    Some(TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-            elem_type: DataType::Float as i32,
-            shape: Some(TensorShapeProto { dim }),
-        })),
-        ..Default::default()
-    })
-}
-
-/// A tiny embedding network: a 1x4x4 image, flattened, times a 16x8 matrix.
-fn tiny_onnx(op: &str) -> Vec<u8> {
-    let weights: Vec<f32> = (0..16 * 8).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
-    let node = |op_type: &str, inputs: &[&str], output: &str| NodeProto {
-        op_type: op_type.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: output.into(),
-        ..Default::default()
-    };
-    let graph = GraphProto {
-        name: "tiny".into(),
-        node: vec![node("Flatten", &["image"], "flat"), node(op, &["flat", "w"], "embedding")],
-        initializer: vec![TensorProto {
-            name: "w".into(),
-            dims: vec![16, 8],
-            data_type: DataType::Float as i32,
-            float_data: weights,
-            ..Default::default()
-        }],
-        input: vec![ValueInfoProto {
-            name: "image".into(),
-            r#type: tensor_type(&[None, Some(1), Some(4), Some(4)]),
-            ..Default::default()
-        }],
-        output: vec![ValueInfoProto {
-            name: "embedding".into(),
-            r#type: tensor_type(&[None, Some(8)]),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
 
 fn tiny_bundle() -> Bundle {
     let head = Head::new(

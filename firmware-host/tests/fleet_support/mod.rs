@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ndarray::{Array1, Array2, Array4};
-use prost::Message;
 use selfclass_firmware_host::update::client::{Package, PushOptions, Timeouts};
 use selfclass_firmware_host::update::{
     hex, FleetKey, Health, ModelHost, Probation, UpdateConfig, UpdateServer,
@@ -18,74 +17,7 @@ use selfclass_firmware_host::update::{
 use selfclass_runtime::backbone::Backbone;
 use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
 use selfclass_runtime::head::Head;
-use tract_onnx::pb::{
-    tensor_proto::DataType, tensor_shape_proto, type_proto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-};
-
-/// A 4x4 grayscale image flattened and multiplied by a 16x8 matrix: an embedding network
-/// small enough to load in milliseconds. With `op` other than `MatMul` the graph is well
-/// formed but the engine cannot run it, which is how a model that "does not load" looks.
-pub fn tiny_onnx(op: &str) -> Vec<u8> {
-    let weights: Vec<f32> = (0..16 * 8).map(|i| ((i * 29 % 13) as f32 - 6.0) / 6.0).collect();
-    let node = |op_type: &str, inputs: &[&str], output: &str| NodeProto {
-        op_type: op_type.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        name: output.into(),
-        ..Default::default()
-    };
-    let tensor_type = |dims: &[Option<i64>]| {
-        Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|d| tensor_shape_proto::Dimension {
-                            // The batch is symbolic, the image size fixed.
-                            value: Some(match d {
-                                Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
-                                None => tensor_shape_proto::dimension::Value::DimParam("N".into()),
-                            }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        })
-    };
-    let graph = GraphProto {
-        name: "fleet-tiny".into(),
-        node: vec![node("Flatten", &["image"], "flat"), node(op, &["flat", "w"], "embedding")],
-        initializer: vec![TensorProto {
-            name: "w".into(),
-            dims: vec![16, 8],
-            data_type: DataType::Float as i32,
-            float_data: weights,
-            ..Default::default()
-        }],
-        input: vec![ValueInfoProto {
-            name: "image".into(),
-            r#type: tensor_type(&[None, Some(1), Some(4), Some(4)]),
-            ..Default::default()
-        }],
-        output: vec![ValueInfoProto {
-            name: "embedding".into(),
-            r#type: tensor_type(&[None, Some(8)]),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-        graph: Some(graph),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
+pub use selfclass_runtime::testing::tiny_onnx;
 
 /// An unsigned bundle of the tiny network with `anchor_rows` anchor pairs (they make the
 /// file larger, so a transfer takes many chunks).

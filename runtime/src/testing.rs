@@ -1,0 +1,69 @@
+//! Fixtures for tests and examples of the crates built on the runtime.
+
+use prost::Message;
+use tract_onnx::pb::{
+    tensor_proto::DataType, tensor_shape_proto::dimension::Value as DimValue,
+    tensor_shape_proto::Dimension, type_proto, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+/// A tiny embedding network as ONNX bytes: a 1x4x4 image (symbolic batch `N`) flattened
+/// and multiplied by a fixed 16x8 matrix, giving 8-dimensional embeddings. It loads in
+/// milliseconds. With `op` other than `MatMul` the graph is well formed but the engine
+/// cannot run it, which is what a model that "does not load" looks like.
+pub fn tiny_onnx(op: &str) -> Vec<u8> {
+    let weights: Vec<f32> = (0..16 * 8).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let node = |op_type: &str, inputs: &[&str], output: &str| NodeProto {
+        op_type: op_type.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: output.into(),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: "tiny".into(),
+        node: vec![node("Flatten", &["image"], "flat"), node(op, &["flat", "w"], "embedding")],
+        initializer: vec![TensorProto {
+            name: "w".into(),
+            dims: vec![16, 8],
+            data_type: DataType::Float as i32,
+            float_data: weights,
+            ..Default::default()
+        }],
+        input: vec![value_info("image", &[None, Some(1), Some(4), Some(4)])],
+        output: vec![value_info("embedding", &[None, Some(8)])],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// A named float tensor of the given dims (`None` for the symbolic batch).
+fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Some(v) => DimValue::DimValue(*v),
+                None => DimValue::DimParam("N".into()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
