@@ -68,6 +68,9 @@ pub struct AgentConfig {
     pub seed: u64,
     /// When the process started, for the first-prediction time.
     pub started: Instant,
+    /// Counts every time the collapse guard restores the last good heads; the update
+    /// listener reads it to fail the probation of a model whose classes collapse.
+    pub collapse_events: Option<Arc<AtomicU64>>,
 }
 
 impl Default for AgentConfig {
@@ -85,6 +88,7 @@ impl Default for AgentConfig {
             adapt_params: None,
             seed: 0x5e1f,
             started: Instant::now(),
+            collapse_events: None,
         }
     }
 }
@@ -251,6 +255,7 @@ pub fn run(
             save_every: config.save_every,
             model_digest,
             model_version: model.bundle.model_version,
+            collapse_events: config.collapse_events.clone(),
         };
         thread::Builder::new().name("adaptation".into()).spawn(move || {
             if let Err(e) = adaptation_loop(
@@ -341,6 +346,7 @@ struct AdaptSettings {
     save_every: Duration,
     model_digest: [u8; 32],
     model_version: u64,
+    collapse_events: Option<Arc<AtomicU64>>,
 }
 
 fn adaptation_loop(
@@ -420,6 +426,9 @@ fn adaptation_loop(
                         rollbacks = worker.adapter.rollbacks(),
                         "adaptation rolled back"
                     );
+                    if let Some(events) = &settings.collapse_events {
+                        events.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
                 *heads.lock().unwrap_or_else(|p| p.into_inner()) = worker.shared_heads();
             }

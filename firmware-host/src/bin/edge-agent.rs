@@ -253,6 +253,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
             adapt_params: Some(params),
             seed: args.seed,
             started,
+            collapse_events: updates.as_ref().map(|u| u.collapse_counter()),
         };
 
         let summary = agent::run(&model, source, &config, Arc::clone(&stop))?;

@@ -3,11 +3,10 @@
 //! The agent runs the installed model (`STATE/update/current.scb`, seeded from `--model` at
 //! the first start). When `fleet` installs a model or orders a rollback, the new model is
 //! loaded once here to prove it loads, the current run is stopped, and the agent starts a
-//! new run on it; the frames the source delivers are counted for the probation.
-//!
-//! Known limit: the adaptation's collapse guard does not report to this host yet, so an
-//! `edge-agent` probation checks that the model loads and classifies frames for the whole
-//! window; a collapse during it is not seen. [`ModelHost::health`] has the slot for it.
+//! new run on it. The probation counts the frames the source delivers and the times the
+//! adaptation's collapse guard restores the last good heads ([`EdgeUpdates::collapse_counter`],
+//! handed to the run's `AgentConfig`): a model whose classes collapse on the live stream fails
+//! its probation and the device goes back to the previous one.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +44,7 @@ struct EdgeHost {
     restart: AtomicBool,
     running: AtomicBool,
     frames: Arc<AtomicU64>,
+    collapses: Arc<AtomicU64>,
 }
 
 impl EdgeUpdates {
@@ -60,6 +60,7 @@ impl EdgeUpdates {
             restart: AtomicBool::new(false),
             running: AtomicBool::new(false),
             frames: Arc::new(AtomicU64::new(0)),
+            collapses: Arc::new(AtomicU64::new(0)),
         });
         let server = UpdateServer::spawn(config, Arc::clone(&host) as Arc<dyn ModelHost>)?;
         host.running.store(true, Ordering::SeqCst);
@@ -78,6 +79,12 @@ impl EdgeUpdates {
     /// Wraps the frame source so the probation sees the frames go by.
     pub fn count_frames(&self, source: Box<dyn FrameSource>) -> Box<dyn FrameSource> {
         Box::new(CountingSource { inner: source, frames: Arc::clone(&self.host.frames) })
+    }
+
+    /// The counter the run's collapse guard adds to (`AgentConfig::collapse_events`); it only
+    /// grows, across runs, and the probation compares it with its value at the install.
+    pub fn collapse_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.host.collapses)
     }
 
     /// After a run ended: whether it ended because the model changed. If so the stop flag
@@ -104,7 +111,10 @@ impl ModelHost for EdgeHost {
     }
 
     fn health(&self) -> Health {
-        Health { frames_seen: self.frames.load(Ordering::SeqCst), collapse_events: 0 }
+        Health {
+            frames_seen: self.frames.load(Ordering::SeqCst),
+            collapse_events: self.collapses.load(Ordering::SeqCst),
+        }
     }
 }
 
