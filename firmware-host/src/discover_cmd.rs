@@ -16,6 +16,7 @@ use tracing::info;
 use crate::pipeline::{Model, CONFIDENCE_TEMPERATURE};
 use crate::source::{self, CapturedFrame, SourceSpec};
 use crate::state::{HeadsState, StateDir};
+use crate::thumb;
 
 /// Longest side of a thumbnail kept per item for the contact sheets.
 const THUMB_SIDE: u32 = 40;
@@ -257,7 +258,29 @@ fn replay_items(model: &Model, dir: &Path) -> anyhow::Result<Items> {
     anyhow::ensure!(!replay.is_empty(), "state {}: the replay is empty", dir.display());
     let (view1, _) = replay.stream_pairs();
     let names = (0..view1.nrows()).map(|i| format!("replay pair {i}")).collect();
-    Ok(Items { embeddings: view1, thumbnails: Vec::new(), labels: None, names })
+    // The agent keeps a thumbnail with every pair; a replay from an agent that did not
+    // (or a damaged note) gets a grey cell in its place.
+    let decoded: Vec<Option<image::DynamicImage>> =
+        replay.stream_notes().into_iter().map(|n| n.and_then(thumb::decode)).collect();
+    let with_pictures = decoded.iter().filter(|t| t.is_some()).count();
+    let thumbnails = if with_pictures == 0 {
+        info!("the replay keeps no thumbnails (an older agent wrote it); no contact sheets");
+        Vec::new()
+    } else {
+        if with_pictures < decoded.len() {
+            info!(
+                without = decoded.len() - with_pictures,
+                "some replay pairs keep no thumbnail; they show as grey cells"
+            );
+        }
+        let blank = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(
+            thumb::THUMB_SIDE as u32,
+            thumb::THUMB_SIDE as u32,
+            image::Luma([128]),
+        ));
+        decoded.into_iter().map(|t| t.unwrap_or_else(|| blank.clone())).collect()
+    };
+    Ok(Items { embeddings: view1, thumbnails, labels: None, names })
 }
 
 /// The adapted heads of a state directory when they belong to this model, else the

@@ -10,6 +10,7 @@
 //!   worker (replay buffer plus adapter) that the agent and the benchmarks share;
 //! - [`augment`]: the second view of a kept frame, and the benchmark's camera-like shift;
 //! - [`agent`]: the three threads and their hand-offs; [`state`]: the state directory;
+//!   [`thumb`]: the thumbnails the replay keeps of its frames;
 //! - [`discover_cmd`]: offline cluster discovery with contact sheets and a browsable page;
 //! - [`fixture`]: a bundle built from the reference network, for tests and early benchmarks.
 //!
@@ -24,5 +25,6 @@ pub mod pipeline;
 pub mod slot;
 pub mod source;
 pub mod state;
+pub mod thumb;
 pub mod update;
 pub mod y4m;

@@ -19,6 +19,7 @@ use selfclass_runtime::replay::ReplayBuffer;
 
 use crate::augment::{AugmentParams, Augmenter, Layout};
 use crate::source::CapturedFrame;
+use crate::thumb::ThumbEncoder;
 
 /// The default model, relative to the working directory.
 pub const DEFAULT_MODEL: &str = "models/fashion-mnist.scb";
@@ -160,6 +161,8 @@ pub struct AdaptWorker {
     classifier_backbone: Backbone,
     augmenter: Augmenter,
     augmented: Vec<f32>,
+    thumbs: ThumbEncoder,
+    note: Vec<u8>,
     rng: StdRng,
     pub admitted: u64,
 }
@@ -186,13 +189,16 @@ impl AdaptWorker {
                 AugmentParams::default(),
             ),
             augmented: vec![0.0; model.bundle.preprocess.input_len()],
+            thumbs: ThumbEncoder::new(&model.bundle.preprocess),
+            note: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
             admitted: 0,
         })
     }
 
     /// Offers a classified frame (its input and embedding) to the replay; when the
-    /// reservoir keeps it, embeds an augmented copy as its second view.
+    /// reservoir keeps it, embeds an augmented copy as its second view and keeps a
+    /// thumbnail of the input beside the pair.
     pub fn offer(&mut self, input: &[f32], embedding: ArrayView1<f32>) -> anyhow::Result<bool> {
         let Some(slot) = self.replay.admit(&mut self.rng) else { return Ok(false) };
         self.augmenter.augment(input, &mut self.augmented, &mut self.rng);
@@ -200,7 +206,8 @@ impl AdaptWorker {
         let view =
             ArrayView4::from_shape((1, l.channels, l.height, l.width), self.augmented.as_slice())?;
         let second = self.classifier_backbone.embed(view)?;
-        self.replay.put(slot, embedding, second.row(0))?;
+        self.thumbs.encode(input, &mut self.note);
+        self.replay.put_with_note(slot, embedding, second.row(0), Some(&self.note))?;
         self.admitted += 1;
         Ok(true)
     }

@@ -427,6 +427,15 @@ fn discover_reads_a_state_directory() {
     .expect("json");
     assert!(report["items"].as_u64().is_some_and(|n| n > 0));
     assert!(out_dir.join("index.html").exists());
+    // The replay keeps a thumbnail of every frame: each cluster gets its contact sheet.
+    let clusters = report["clusters"].as_array().expect("clusters");
+    assert!(!clusters.is_empty(), "{report}");
+    for cluster in clusters {
+        let sheet = cluster["sheet"].as_str().unwrap_or_else(|| panic!("no sheet: {cluster}"));
+        let picture = image::open(out_dir.join(sheet)).expect("the sheet is a PNG").into_luma8();
+        // Bright garments on black, on a dark grey sheet (a missing thumbnail is mid grey).
+        assert!(picture.pixels().filter(|p| p.0[0] > 160).count() > 50, "{sheet} shows no garment");
+    }
 
     let missing = run(agent()
         .args(["discover", "--model"])

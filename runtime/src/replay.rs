@@ -17,6 +17,11 @@
 //!   ([`crate::bundle::Bundle::anchors`]). They are never evicted: mixing them into every
 //!   batch is what keeps adaptation from forgetting what the server taught.
 //!
+//! A stream pair may carry a *note*: a few opaque bytes the caller keeps with it and gets
+//! back in the same order as the pairs ([`ReplayBuffer::stream_notes`]). The agent keeps a
+//! small thumbnail of the frame there, so the clusters found in a device's replay can be
+//! shown as pictures.
+//!
 //! [`ReplayBuffer::to_bytes`] gives a self-checking file form (a SHA-256 digest over the
 //! whole file), so a state directory can tell a damaged file from a good one.
 //!
@@ -50,8 +55,10 @@ use crate::{Error, Result};
 
 /// The eight bytes a replay file starts with.
 pub const REPLAY_MAGIC: &[u8; 8] = b"SCREPLAY";
-/// The replay file format this runtime writes and reads.
-pub const REPLAY_FORMAT_VERSION: u16 = 1;
+/// The replay file format this runtime writes. Version 1 (no notes) is still read.
+pub const REPLAY_FORMAT_VERSION: u16 = 2;
+/// The longest note a pair may carry, in bytes.
+pub const MAX_NOTE_BYTES: usize = 1 << 16;
 /// Buffers larger than this many pairs are refused (a guard against absurd headers).
 pub const MAX_CAPACITY: usize = 1 << 20;
 const HEADER_BYTES: usize = 8 + 2 + 2 + 4 + 4 + 4 + 8;
@@ -65,9 +72,12 @@ pub enum Slot {
     Replace(usize),
 }
 
-/// The two views of one image, `2 x dim` f16 values: view 1 then view 2.
+/// The two views of one image, `2 x dim` f16 values (view 1 then view 2), and its note.
 #[derive(Debug, Clone, PartialEq)]
-struct Pair(Box<[f16]>);
+struct Pair {
+    views: Box<[f16]>,
+    note: Option<Box<[u8]>>,
+}
 
 /// A fixed-capacity reservoir of embedding pairs from the stream, plus fixed anchor pairs.
 pub struct ReplayBuffer {
@@ -141,9 +151,14 @@ impl ReplayBuffer {
         self.anchors.len()
     }
 
-    /// Memory the stored embeddings take, in bytes (stream and anchors).
+    /// Memory the stored embeddings take, in bytes (stream and anchors), notes not counted.
     pub fn payload_bytes(&self) -> usize {
         (self.capacity + self.anchors.len()) * 2 * self.dim * std::mem::size_of::<f16>()
+    }
+
+    /// Memory the notes of the stream pairs take now, in bytes.
+    pub fn note_bytes(&self) -> usize {
+        self.ring.iter().map(|p| p.note.as_ref().map_or(0, |n| n.len())).sum()
     }
 
     /// Replaces the anchor pairs (two views per row, `count x dim` each); they are kept
@@ -190,6 +205,23 @@ impl ReplayBuffer {
         view1: ArrayView1<f32>,
         view2: ArrayView1<f32>,
     ) -> Result<()> {
+        self.put_with_note(slot, view1, view2, None)
+    }
+
+    /// Stores a pair with a note (at most [`MAX_NOTE_BYTES`]; an empty note is no note).
+    pub fn put_with_note(
+        &mut self,
+        slot: Slot,
+        view1: ArrayView1<f32>,
+        view2: ArrayView1<f32>,
+        note: Option<&[u8]>,
+    ) -> Result<()> {
+        if let Some(n) = note.filter(|n| n.len() > MAX_NOTE_BYTES) {
+            return Err(Error::invalid(
+                "replay buffer",
+                format!("a note of {} bytes; at most {MAX_NOTE_BYTES} are kept", n.len()),
+            ));
+        }
         if view1.len() != self.dim || view2.len() != self.dim {
             return Err(Error::invalid(
                 "replay buffer",
@@ -201,7 +233,8 @@ impl ReplayBuffer {
                 ),
             ));
         }
-        let pair = pair_of(view1, view2)?;
+        let mut pair = pair_of(view1, view2)?;
+        pair.note = note.filter(|n| !n.is_empty()).map(Box::from);
         match slot {
             Slot::Append => {
                 // A full ring (the slot went stale) falls back to overwriting the oldest.
@@ -273,6 +306,11 @@ impl ReplayBuffer {
         gather(self.dim, self.ring.iter())
     }
 
+    /// The note of every stream pair, in the order of [`ReplayBuffer::stream_pairs`].
+    pub fn stream_notes(&self) -> Vec<Option<&[u8]>> {
+        self.ring.iter().map(|p| p.note.as_deref()).collect()
+    }
+
     /// Every anchor pair as two `count x dim` matrices.
     pub fn anchor_pairs(&self) -> (Array2<f32>, Array2<f32>) {
         gather(self.dim, self.anchors.iter())
@@ -290,11 +328,13 @@ impl ReplayBuffer {
         Ok(out)
     }
 
-    /// The stream part in its file form: header, f16 payload, SHA-256 of all before it.
+    /// The stream part in its file form: header, then per pair its f16 values, the length
+    /// of its note (u32, 0 for none) and the note, then SHA-256 of all before it.
     /// Anchors are not written: they come from the bundle at every start.
     pub fn to_bytes(&self) -> Vec<u8> {
         let len = self.len();
-        let mut out = Vec::with_capacity(HEADER_BYTES + len * 4 * self.dim + DIGEST_BYTES);
+        let size = HEADER_BYTES + len * (4 * self.dim + 4) + self.note_bytes() + DIGEST_BYTES;
+        let mut out = Vec::with_capacity(size);
         out.extend_from_slice(REPLAY_MAGIC);
         out.extend_from_slice(&REPLAY_FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
@@ -303,9 +343,12 @@ impl ReplayBuffer {
         out.extend_from_slice(&(len as u32).to_le_bytes());
         out.extend_from_slice(&self.seen.to_le_bytes());
         for pair in self.ring.iter() {
-            for v in pair.0.iter() {
+            for v in pair.views.iter() {
                 out.extend_from_slice(&v.to_bits().to_le_bytes());
             }
+            let note = pair.note.as_deref().unwrap_or_default();
+            out.extend_from_slice(&(note.len() as u32).to_le_bytes());
+            out.extend_from_slice(note);
         }
         let digest = Sha256::digest(&out);
         out.extend_from_slice(&digest);
@@ -328,9 +371,9 @@ impl ReplayBuffer {
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let version = u16_at(8);
-        if version != REPLAY_FORMAT_VERSION {
+        if version != 1 && version != REPLAY_FORMAT_VERSION {
             return fail(format!(
-                "format version {version}, this runtime reads {REPLAY_FORMAT_VERSION}"
+                "format version {version}, this runtime reads 1 to {REPLAY_FORMAT_VERSION}"
             ));
         }
         let (dim, capacity, len) = (u32_at(12) as usize, u32_at(16) as usize, u32_at(20) as usize);
@@ -341,22 +384,49 @@ impl ReplayBuffer {
             Ok(b) => b,
             Err(e) => return fail(e.to_string()),
         };
-        let payload = &body[HEADER_BYTES..];
-        if len > capacity || payload.len() != len * 2 * dim * 2 || seen < len as u64 {
-            return fail(format!(
-                "header says {len} pairs of dimension {dim} (capacity {capacity}, {seen} seen) but the payload is {} bytes",
-                payload.len()
-            ));
+        let mut payload = &body[HEADER_BYTES..];
+        let pair_bytes = 2 * dim * 2;
+        // Each pair needs at least its values (and a note length from version 2 on).
+        let least = pair_bytes + if version == 1 { 0 } else { 4 };
+        let size_error = |payload: usize| {
+            format!(
+                "header says {len} pairs of dimension {dim} (capacity {capacity}, {seen} seen) but the payload is {payload} bytes"
+            )
+        };
+        if len > capacity || seen < len as u64 || payload.len() / least < len {
+            return fail(size_error(payload.len()));
         }
-        let values: Vec<f16> = payload
-            .chunks_exact(2)
-            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-            .collect();
-        if values.iter().any(|v| !v.is_finite()) {
-            return fail("holds a non-finite embedding value".into());
+        let total = payload.len();
+        for _ in 0..len {
+            if payload.len() < pair_bytes {
+                return fail(size_error(total));
+            }
+            let (values, rest) = payload.split_at(pair_bytes);
+            let views: Box<[f16]> = values
+                .chunks_exact(2)
+                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            if views.iter().any(|v| !v.is_finite()) {
+                return fail("holds a non-finite embedding value".into());
+            }
+            payload = rest;
+            let mut note = None;
+            if version >= 2 {
+                if payload.len() < 4 {
+                    return fail(size_error(total));
+                }
+                let n = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let n = n as usize;
+                if n > MAX_NOTE_BYTES || payload.len() - 4 < n {
+                    return fail(format!("a pair's note of {n} bytes runs past the payload"));
+                }
+                note = (n > 0).then(|| Box::from(&payload[4..4 + n]));
+                payload = &payload[4 + n..];
+            }
+            let _ = buffer.ring.try_push(Pair { views, note });
         }
-        for chunk in values.chunks_exact(2 * dim) {
-            let _ = buffer.ring.try_push(Pair(chunk.into()));
+        if !payload.is_empty() {
+            return fail(size_error(total));
         }
         buffer.seen = seen;
         Ok(buffer)
@@ -367,14 +437,15 @@ fn pair_of(view1: ArrayView1<f32>, view2: ArrayView1<f32>) -> Result<Pair> {
     if view1.iter().chain(view2.iter()).any(|v| !v.is_finite()) {
         return Err(Error::invalid("replay buffer", "non-finite embedding value"));
     }
-    Ok(Pair(view1.iter().chain(view2.iter()).map(|&v| f16::from_f32(v)).collect()))
+    let views = view1.iter().chain(view2.iter()).map(|&v| f16::from_f32(v)).collect();
+    Ok(Pair { views, note: None })
 }
 
 fn gather<'a>(dim: usize, pairs: impl Iterator<Item = &'a Pair>) -> (Array2<f32>, Array2<f32>) {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let mut rows = 0;
     for pair in pairs {
-        let (v1, v2) = pair.0.split_at(dim);
+        let (v1, v2) = pair.views.split_at(dim);
         a.extend(v1.iter().map(|v| v.to_f32()));
         b.extend(v2.iter().map(|v| v.to_f32()));
         rows += 1;
@@ -508,6 +579,94 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("digest"));
+    }
+
+    /// Appends the digest a file ends with to `body`.
+    fn sealed(mut body: Vec<u8>) -> Vec<u8> {
+        let digest = Sha256::digest(&body);
+        body.extend_from_slice(&digest);
+        body
+    }
+
+    #[test]
+    fn notes_follow_their_pairs_through_replacement_and_the_file() {
+        let mut replay = ReplayBuffer::new(2, 4).expect("valid");
+        let mut rng = StdRng::seed_from_u64(6);
+        for i in 0..40u32 {
+            let v = array![i as f32, 1.0];
+            if let Some(slot) = replay.admit(&mut rng) {
+                // Every third frame has no note; the note names the frame.
+                let note = i.to_le_bytes();
+                let note = (i % 3 != 0).then_some(&note[..]);
+                replay.put_with_note(slot, v.view(), v.view(), note).expect("stores");
+            }
+        }
+        let check = |r: &ReplayBuffer| {
+            let (v1, _) = r.stream_pairs();
+            let notes = r.stream_notes();
+            assert_eq!(notes.len(), v1.nrows());
+            for (tag, note) in v1.column(0).iter().zip(notes) {
+                let i = *tag as u32;
+                match note {
+                    Some(n) => assert_eq!(n, &i.to_le_bytes()[..], "pair {i}"),
+                    None => assert_eq!(i % 3, 0, "pair {i} lost its note"),
+                }
+            }
+        };
+        check(&replay);
+        let back = ReplayBuffer::from_bytes(&replay.to_bytes(), "notes").expect("decodes");
+        check(&back);
+        check(&back.resized(3).expect("resized"));
+        let too_long = vec![0u8; MAX_NOTE_BYTES + 1];
+        let err = replay
+            .put_with_note(
+                Slot::Append,
+                array![1.0f32, 0.0].view(),
+                array![1.0f32, 0.0].view(),
+                Some(&too_long),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("note"), "{err}");
+    }
+
+    #[test]
+    fn reads_version_1_files_and_refuses_notes_that_lie_about_their_length() {
+        // A version-1 file: the header, two pairs of dimension 1, no notes.
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(REPLAY_MAGIC);
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&0u16.to_le_bytes());
+        for n in [1u32, 4, 2] {
+            v1.extend_from_slice(&n.to_le_bytes());
+        }
+        v1.extend_from_slice(&7u64.to_le_bytes());
+        for v in [0.5f32, -0.5, 1.0, 0.25] {
+            v1.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+        }
+        let back = ReplayBuffer::from_bytes(&sealed(v1), "v1").expect("version 1 is read");
+        assert_eq!((back.len(), back.seen()), (2, 7));
+        assert_eq!(back.stream_pairs().1, array![[-0.5f32], [0.25]]);
+        assert_eq!(back.stream_notes(), vec![None, None]);
+
+        // A version-2 file whose first note claims more bytes than follow, resealed so
+        // that only the length check can catch it.
+        let mut replay = ReplayBuffer::new(1, 4).expect("valid");
+        for i in 0..2 {
+            let v = array![i as f32];
+            replay.put_with_note(Slot::Append, v.view(), v.view(), Some(b"abc")).expect("ok");
+        }
+        let bytes = replay.to_bytes();
+        let mut body = bytes[..bytes.len() - DIGEST_BYTES].to_vec();
+        let note_len_at = HEADER_BYTES + 4;
+        for lie in [4u32, 1000, u32::MAX] {
+            body[note_len_at..note_len_at + 4].copy_from_slice(&lie.to_le_bytes());
+            let err = ReplayBuffer::from_bytes(&sealed(body.clone()), "lying").unwrap_err();
+            assert!(err.to_string().contains("lying"), "{err}");
+        }
+        // Extra bytes after the last pair are refused too.
+        let mut longer = bytes[..bytes.len() - DIGEST_BYTES].to_vec();
+        longer.push(0);
+        assert!(ReplayBuffer::from_bytes(&sealed(longer), "longer").is_err());
     }
 
     #[test]
