@@ -12,27 +12,16 @@ use ndarray::{s, Array2, Array4, Axis};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use selfclass_runtime::backbone::Backbone;
-use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
+use selfclass_runtime::bundle::{Bundle, Provenance};
 use selfclass_runtime::head::Head;
 use selfclass_runtime::idx;
+pub use selfclass_runtime::testing::fashion_preprocess;
 
 use crate::augment::{AugmentParams, Augmenter, Layout};
 
 /// The repository's root, seen from this crate.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The Fashion-MNIST preprocessing the reference network was exported with.
-pub fn fashion_preprocess() -> Preprocess {
-    Preprocess {
-        width: 28,
-        height: 28,
-        channels: 1,
-        mean: vec![0.286],
-        std: vec![0.353],
-        resize: ResizePolicy::Stretch,
-    }
 }
 
 /// Builds the reference bundle: heads of 10 and 20 classes (one and two class prototypes

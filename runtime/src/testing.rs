@@ -1,5 +1,8 @@
 //! Fixtures for tests and examples of the crates built on the runtime.
 
+use crate::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
+use crate::head::Head;
+use ndarray::{Array1, Array2};
 use prost::Message;
 use tract_onnx::pb::{
     tensor_proto::DataType, tensor_shape_proto::dimension::Value as DimValue,
@@ -65,5 +68,49 @@ fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// An unsigned bundle of [`tiny_onnx`] with one head of three classes and `anchor_rows`
+/// anchor pairs (view 2 is the negative of view 1; more rows make a larger file).
+pub fn tiny_bundle(op: &str, anchor_rows: usize) -> Bundle {
+    let head = Head::new(
+        Array2::from_shape_fn((3, 8), |(c, d)| ((c * 8 + d) as f32 * 0.7).cos()),
+        Array1::from(vec![1.0, 1.5, 2.0]),
+    )
+    .expect("a valid head");
+    let preprocess = Preprocess {
+        width: 4,
+        height: 4,
+        channels: 1,
+        mean: vec![0.5],
+        std: vec![0.25],
+        resize: ResizePolicy::Stretch,
+    };
+    let provenance = Provenance { dataset: "tiny".into(), epochs: 3, ..Provenance::default() };
+    let mut bundle =
+        Bundle::from_onnx(&tiny_onnx(op), &[head], preprocess, provenance).expect("a bundle");
+    if anchor_rows > 0 {
+        bundle
+            .set_anchors(&tiny_anchors(anchor_rows, 1.0), &tiny_anchors(anchor_rows, -1.0))
+            .expect("anchors");
+    }
+    bundle
+}
+
+/// The anchors of [`tiny_bundle`]: view 1 with `sign` 1, view 2 with `sign` -1.
+pub fn tiny_anchors(rows: usize, sign: f32) -> Array2<f32> {
+    Array2::from_shape_fn((rows, 8), |(r, d)| sign * ((r * 8 + d) as f32 * 0.01).sin())
+}
+
+/// The Fashion-MNIST preprocessing the reference network was exported with.
+pub fn fashion_preprocess() -> Preprocess {
+    Preprocess {
+        width: 28,
+        height: 28,
+        channels: 1,
+        mean: vec![0.286],
+        std: vec![0.353],
+        resize: ResizePolicy::Stretch,
     }
 }

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, Axis};
 use selfclass_runtime::backbone::Backbone;
-use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
+use selfclass_runtime::bundle::{Bundle, Provenance};
 use selfclass_runtime::head::Head;
 use selfclass_runtime::idx;
+use selfclass_runtime::testing::fashion_preprocess;
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
@@ -16,17 +17,6 @@ fn data(name: &str) -> PathBuf {
 
 fn sample(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/fashion-mnist-sample").join(name)
-}
-
-fn fashion_preprocess() -> Preprocess {
-    Preprocess {
-        width: 28,
-        height: 28,
-        channels: 1,
-        mean: vec![0.286],
-        std: vec![0.353],
-        resize: ResizePolicy::Stretch,
-    }
 }
 
 /// The first `n` sample test images, normalised as the network was trained.

@@ -9,45 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ndarray::{Array1, Array2, Array4};
+use ndarray::Array4;
 use selfclass_firmware_host::update::client::{Package, PushOptions, Timeouts};
 use selfclass_firmware_host::update::{
     hex, FleetKey, Health, ModelHost, Probation, UpdateConfig, UpdateServer,
 };
 use selfclass_runtime::backbone::Backbone;
-use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
-use selfclass_runtime::head::Head;
-pub use selfclass_runtime::testing::tiny_onnx;
-
-/// An unsigned bundle of the tiny network with `anchor_rows` anchor pairs (they make the
-/// file larger, so a transfer takes many chunks).
-pub fn tiny_bundle(op: &str, anchor_rows: usize) -> Bundle {
-    let head = Head::new(
-        Array2::from_shape_fn((3, 8), |(c, d)| ((c * 8 + d) as f32 * 0.7).cos()),
-        Array1::from(vec![1.0, 1.5, 2.0]),
-    )
-    .expect("head");
-    let preprocess = Preprocess {
-        width: 4,
-        height: 4,
-        channels: 1,
-        mean: vec![0.5],
-        std: vec![0.25],
-        resize: ResizePolicy::Stretch,
-    };
-    let provenance = Provenance { dataset: "fleet-test".into(), ..Provenance::default() };
-    let mut bundle =
-        Bundle::from_onnx(&tiny_onnx(op), &[head], preprocess, provenance).expect("bundle");
-    if anchor_rows > 0 {
-        let view = |sign: f32| {
-            Array2::from_shape_fn((anchor_rows, 8), |(r, d)| {
-                sign * ((r * 8 + d) as f32 * 0.01).sin()
-            })
-        };
-        bundle.set_anchors(&view(1.0), &view(-1.0)).expect("anchors");
-    }
-    bundle
-}
+use selfclass_runtime::bundle::Bundle;
+pub use selfclass_runtime::testing::tiny_bundle;
 
 /// The key the test devices trust.
 pub fn fleet_key() -> FleetKey {
