@@ -269,8 +269,21 @@ fn pair(values: &[f32], flag: &str) -> Result<(f32, f32)> {
     }
 }
 
+/// The command line as a bundle records it: the program by its name, not by where this
+/// machine keeps it (`/tmp/x/sc-train train ...` becomes `sc-train train ...`).
+fn recorded_command_line(line: &str) -> String {
+    let (program, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let name = Path::new(program).file_name().map_or(program.into(), |n| n.to_string_lossy());
+    let name = if name.starts_with("sc-train") { "sc-train".into() } else { name };
+    if rest.is_empty() {
+        name.into_owned()
+    } else {
+        format!("{name} {rest}")
+    }
+}
+
 fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
-    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let command_line = recorded_command_line(&std::env::args().collect::<Vec<_>>().join(" "));
     let mut train_set = Dataset::load(&args.data, Split::Train)?;
     if let Some(limit) = args.limit {
         train_set = train_set.take(limit);
@@ -454,8 +467,9 @@ fn export_command(args: ExportArgs, device: &Device) -> Result<()> {
             origin: PathBuf::new(),
         },
     };
+    let command_line = recorded_command_line(&state.command_line);
     let bundle =
-        export::build_bundle(&mut model, &state, &anchors_from, args.anchors, &state.command_line)?;
+        export::build_bundle(&mut model, &state, &anchors_from, args.anchors, &command_line)?;
     bundle.save(&args.out)?;
     if let Some(onnx) = &args.onnx {
         let bytes = export::onnx_bytes(&mut model, state.input_chw)?;
@@ -463,4 +477,19 @@ fn export_command(args: ExportArgs, device: &Device) -> Result<()> {
     }
     tracing::info!(path = %args.out.display(), "bundle written");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recorded_command_line;
+
+    #[test]
+    fn the_recorded_command_line_names_the_program_not_its_path() {
+        assert_eq!(
+            recorded_command_line("/tmp/build-7/sc-train train --data d --epochs 20"),
+            "sc-train train --data d --epochs 20"
+        );
+        assert_eq!(recorded_command_line("./target/release/sc-train-b export"), "sc-train export");
+        assert_eq!(recorded_command_line("sc-train"), "sc-train");
+    }
 }
