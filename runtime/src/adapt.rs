@@ -44,6 +44,7 @@
 //! # Ok::<(), selfclass_runtime::Error>(())
 //! ```
 
+use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView2, Axis, NdFloat};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -233,18 +234,22 @@ pub fn objective<F: NdFloat>(
         .collect();
     let mut parts = ObjectiveParts::default();
 
-    // 1 and 2: the uniform-prior loss, stream and anchors scored apart.
+    // 1 and 2: the uniform-prior loss, stream and anchors scored apart. Each head's
+    // effective weights are formed once; the gradient with respect to them accumulates over
+    // views in one buffer per head (no gradient with respect to the frozen embeddings) and
+    // is mapped onto `v` and `g` once.
+    let effective: Vec<Array2<F>> = heads.iter().map(Head::weights).collect();
+    let mut d_weights: Vec<Array2<F>> =
+        heads.iter().map(|h| Array2::zeros(h.v.raw_dim())).collect();
     let mut pair_loss = |views: &(Array2<F>, Array2<F>), weight: f64| -> Result<f64> {
         let logits: Vec<[Array2<F>; 2]> =
-            heads.iter().map(|h| [h.logits(views.0.view()), h.logits(views.1.view())]).collect();
+            effective.iter().map(|w| [views.0.dot(&w.t()), views.1.dot(&w.t())]).collect();
         let per_head: Vec<Vec<ArrayView2<F>>> =
             logits.iter().map(|l| vec![l[0].view(), l[1].view()]).collect();
         let (loss, d_logits) = multi_head_loss(&per_head, &weights.loss)?;
-        for (h, head) in heads.iter().enumerate() {
-            for (z, d) in [&views.0, &views.1].into_iter().zip(&d_logits[h]) {
-                let hg = head.backward(z.view(), (d * f(weight)).view());
-                grads[h].v += &hg.v;
-                grads[h].g += &hg.g;
+        for (d_w, d_views) in d_weights.iter_mut().zip(&d_logits) {
+            for (z, d) in [&views.0, &views.1].into_iter().zip(d_views) {
+                general_mat_mul(f(weight), &d.t(), z, F::one(), d_w);
             }
         }
         Ok(loss.to_f64().unwrap_or(f64::NAN) * weight)
@@ -255,6 +260,11 @@ pub fn objective<F: NdFloat>(
             parts.anchor = pair_loss(anchors, weights.anchor_weight)?;
         }
     }
+    for ((head, d_w), grad) in heads.iter().zip(d_weights).zip(&mut grads) {
+        let (dv, dg) = head.weight_grad_to_params(d_w);
+        grad.v += &dv;
+        grad.g += &dg;
+    }
 
     // 3: pull toward the shipped effective weights.
     if weights.pull > 0.0 {
@@ -264,7 +274,7 @@ pub fn objective<F: NdFloat>(
                 * weights.pull
                 * head_weight
                 * diff.iter().map(|d| (*d * *d).to_f64().unwrap_or(0.0)).sum::<f64>();
-            let (dv, dg) = weight_grad_to_params(head, &(diff * f(weights.pull * head_weight)));
+            let (dv, dg) = head.weight_grad_to_params(diff * f(weights.pull * head_weight));
             grad.v += &dv;
             grad.g += &dg;
         }
@@ -290,22 +300,6 @@ pub fn objective<F: NdFloat>(
         }
     }
     Ok((parts, grads))
-}
-
-/// Maps a gradient with respect to a head's effective weights `W` onto `v` and `g`
-/// (the chain rule through `w_c = g_c v_c / |v_c|`).
-fn weight_grad_to_params<F: NdFloat>(head: &Head<F>, d_w: &Array2<F>) -> (Array2<F>, Array1<F>) {
-    let floor = F::from(1e-12).unwrap_or_else(F::epsilon);
-    let norms = head.v.map_axis(Axis(1), |row| row.dot(&row).sqrt().max(floor));
-    let proj = (d_w * &head.v).sum_axis(Axis(1));
-    let dg = &proj / &norms;
-    let mut dv = d_w.clone();
-    for (c, mut row) in dv.rows_mut().into_iter().enumerate() {
-        let n = norms[c];
-        row.scaled_add(-proj[c] / (n * n), &head.v.row(c));
-        row.mapv_inplace(|x| x * head.g[c] / n);
-    }
-    (dv, dg)
 }
 
 fn log_softmax_rows<F: NdFloat>(x: &Array2<F>) -> Array2<F> {

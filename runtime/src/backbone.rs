@@ -1,7 +1,10 @@
 //! The embedding network, run with tract: image batch in, L2-normalised embeddings out.
 //!
-//! The network is parsed and optimised once, for a symbolic batch size, so the same plan
-//! runs a single camera frame or a batch of replayed images.
+//! The network is parsed once with a symbolic batch size. Each batch size it is called with
+//! gets its own plan, optimised for that size (the engine picks its convolution and
+//! matrix-product kernels for concrete shapes), for the first few sizes seen; other sizes
+//! run the symbolic plan. Run states (the buffers a plan computes into) are kept and reused
+//! from call to call.
 //!
 //! ```no_run
 //! use ndarray::Array4;
@@ -14,10 +17,11 @@
 //! # Ok::<(), selfclass_runtime::Error>(())
 //! ```
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use ndarray::{Array2, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayView4, Axis, Ix2};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
@@ -27,10 +31,31 @@ use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Batch sizes that get a plan of their own; calls with other sizes use the symbolic plan.
+const MAX_SIZED_PLANS: usize = 8;
+
+/// A plan and the run states it has handed back (at most one per concurrent caller).
+#[derive(Debug)]
+struct SizedPlan {
+    plan: Plan,
+    idle: Vec<TypedSimpleState>,
+}
+
+/// The plans specialised so far, by batch size.
+#[derive(Debug, Default)]
+struct PlanCache {
+    by_batch: Vec<(usize, SizedPlan)>,
+}
+
 /// An optimised embedding network.
 #[derive(Debug, Clone)]
 pub struct Backbone {
+    /// The plan for any batch size.
     plan: Plan,
+    /// The decluttered network with a symbolic batch, specialised on demand.
+    model: Arc<TypedModel>,
+    batch: Symbol,
+    cache: Arc<Mutex<PlanCache>>,
     input_chw: (usize, usize, usize),
     embedding_dim: usize,
     origin: String,
@@ -107,11 +132,25 @@ impl Backbone {
         model
             .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))
             .map_err(|e| fail("setting the input shape", &e))?;
-        let typed = model.into_optimized().map_err(|e| fail("optimising", &e))?;
-        let plan = typed.into_runnable().map_err(|e| fail("planning", &e))?;
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| fail("optimising", &e))?;
+        let plan = typed
+            .clone()
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| fail("planning", &e))?;
 
-        let mut backbone =
-            Backbone { plan, input_chw: chw, embedding_dim: 0, origin: origin.to_string() };
+        let mut backbone = Backbone {
+            plan,
+            model: Arc::new(typed),
+            batch,
+            cache: Arc::default(),
+            input_chw: chw,
+            embedding_dim: 0,
+            origin: origin.to_string(),
+        };
         let probe = backbone.run(ndarray::Array4::zeros((1, chw.0, chw.1, chw.2)).view())?;
         backbone.embedding_dim = probe.ncols();
         Ok(backbone)
@@ -142,16 +181,83 @@ impl Backbone {
         self.run(images)
     }
 
+    /// Like [`Backbone::embed`], with the batch split into up to `threads` parts that run
+    /// at the same time, each on its own thread (rows keep their order).
+    pub fn embed_threads(&self, images: ArrayView4<f32>, threads: usize) -> Result<Array2<f32>> {
+        let n = images.dim().0;
+        let threads = threads.clamp(1, n.max(1));
+        if threads == 1 {
+            return self.embed(images);
+        }
+        let chunk = n.div_ceil(threads);
+        let parts: Vec<Result<Array2<f32>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = images
+                .axis_chunks_iter(Axis(0), chunk)
+                .map(|part| scope.spawn(move || self.embed(part)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::inference(&self.origin, "an embedding thread panicked"))
+                    })
+                })
+                .collect()
+        });
+        let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| Error::inference(&self.origin, format!("joining the parts: {e}")))
+    }
+
+    /// A run state for batches of `n`: an idle one of the plan for `n`, or a new one (of
+    /// the plan for `n`, built now, or of the symbolic plan once enough sizes have plans).
+    fn take_state(&self, n: usize) -> Result<(TypedSimpleState, bool)> {
+        let fail = |e: TractError| Error::inference(&self.origin, format!("planning: {e}"));
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, sized)) = cache.by_batch.iter_mut().find(|(b, _)| *b == n) {
+            let state = match sized.idle.pop() {
+                Some(state) => state,
+                None => TypedSimpleState::new(&sized.plan).map_err(fail)?,
+            };
+            return Ok((state, true));
+        }
+        if cache.by_batch.len() >= MAX_SIZED_PLANS {
+            return Ok((TypedSimpleState::new(&self.plan).map_err(fail)?, false));
+        }
+        let symbols = HashMap::from([(self.batch.clone(), TDim::Val(n as i64))]);
+        let plan = self
+            .model
+            .set_symbols(&symbols)
+            .and_then(|m| m.into_optimized())
+            .and_then(|m| m.into_runnable())
+            .map_err(fail)?;
+        let state = TypedSimpleState::new(&plan).map_err(fail)?;
+        cache.by_batch.push((n, SizedPlan { plan, idle: Vec::new() }));
+        Ok((state, true))
+    }
+
+    /// Hands a state of the plan for `n` back for the next call.
+    fn return_state(&self, n: usize, state: TypedSimpleState) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, sized)) = cache.by_batch.iter_mut().find(|(b, _)| *b == n) {
+            sized.idle.push(state);
+        }
+    }
+
     fn run(&self, images: ArrayView4<f32>) -> Result<Array2<f32>> {
+        let n = images.dim().0;
         let input: Tensor = images.as_standard_layout().into_owned().into();
-        let outputs = self
-            .plan
+        let (mut state, sized) = self.take_state(n)?;
+        let outputs = state
             .run(tvec![input.into()])
             .map_err(|e| Error::inference(&self.origin, format!("running: {e}")))?;
+        if sized {
+            self.return_state(n, state);
+        }
         let view = outputs[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| Error::inference(&self.origin, format!("output: {e}")))?;
-        let n = images.dim().0;
         let flat = view.len() / n.max(1);
         view.to_shape((n, flat))
             .map(|v| v.into_owned())

@@ -99,11 +99,17 @@ impl<F: NdFloat> Head<F> {
     /// Backward pass: given `d loss / d logits` (`N x C`) for input `z`, the gradients of
     /// `v`, `g` and `z`.
     pub fn backward(&self, z: ArrayView2<F>, d_logits: ArrayView2<F>) -> HeadGrads<F> {
-        let norms = self.norms();
         let w = self.weights();
         let d_w = d_logits.t().dot(&z); // C x D
         let input = d_logits.dot(&w); // N x D
+        let (v, g) = self.weight_grad_to_params(d_w);
+        HeadGrads { v, g, input }
+    }
 
+    /// Maps a gradient with respect to the effective weights `W` (`C x D`) onto `v` and
+    /// `g`, reusing `d_w`'s buffer for `v`'s gradient.
+    pub fn weight_grad_to_params(&self, d_w: Array2<F>) -> (Array2<F>, Array1<F>) {
+        let norms = self.norms();
         // w_c = g_c v_c / |v_c|:
         //   dg_c = (dw_c . v_c) / |v_c|
         //   dv_c = (g_c / |v_c|) (dw_c - (dw_c . v_c) v_c / |v_c|^2)
@@ -116,7 +122,7 @@ impl<F: NdFloat> Head<F> {
             row.scaled_add(-along, &self.v.row(c));
             row.mapv_inplace(|x| x * self.g[c] / n);
         }
-        HeadGrads { v: v_grad, g: g_grad, input }
+        (v_grad, g_grad)
     }
 }
 
