@@ -45,7 +45,7 @@
 //! ```
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, ArrayView2, Axis, NdFloat};
+use ndarray::{s, Array1, Array2, ArrayView2, Axis, NdFloat};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -234,23 +234,40 @@ pub fn objective<F: NdFloat>(
         .collect();
     let mut parts = ObjectiveParts::default();
 
-    // 1 and 2: the uniform-prior loss, stream and anchors scored apart. Each head's
-    // effective weights are formed once; the gradient with respect to them accumulates over
-    // views in one buffer per head (no gradient with respect to the frozen embeddings) and
-    // is mapped onto `v` and `g` once.
-    let effective: Vec<Array2<F>> = heads.iter().map(Head::weights).collect();
-    let mut d_weights: Vec<Array2<F>> =
-        heads.iter().map(|h| Array2::zeros(h.v.raw_dim())).collect();
+    // 1 and 2: the uniform-prior loss, stream and anchors scored apart. The heads'
+    // effective weights are stacked once into one `sum(C) x D` matrix, so each view's logits
+    // for every head come from one matrix product, and the gradient with respect to the
+    // stacked weights accumulates over views (and over stream and anchors) in one buffer,
+    // by one product per view; no gradient with respect to the frozen embeddings is formed.
+    let offsets: Vec<usize> = heads
+        .iter()
+        .scan(0, |at, h| {
+            let start = *at;
+            *at += h.classes();
+            Some(start)
+        })
+        .collect();
+    let total_classes: usize = heads.iter().map(Head::classes).sum();
+    let dim = heads[0].dim();
+    let mut stacked = Array2::<F>::zeros((total_classes, dim));
+    for (head, &at) in heads.iter().zip(&offsets) {
+        stacked.slice_mut(s![at..at + head.classes(), ..]).assign(&head.weights());
+    }
+    let mut d_stacked = Array2::<F>::zeros((total_classes, dim));
     let mut pair_loss = |views: &(Array2<F>, Array2<F>), weight: f64| -> Result<f64> {
-        let logits: Vec<[Array2<F>; 2]> =
-            effective.iter().map(|w| [views.0.dot(&w.t()), views.1.dot(&w.t())]).collect();
-        let per_head: Vec<Vec<ArrayView2<F>>> =
-            logits.iter().map(|l| vec![l[0].view(), l[1].view()]).collect();
+        let logits = [views.0.dot(&stacked.t()), views.1.dot(&stacked.t())];
+        let per_head: Vec<Vec<ArrayView2<F>>> = heads
+            .iter()
+            .zip(&offsets)
+            .map(|(h, &at)| logits.iter().map(|l| l.slice(s![.., at..at + h.classes()])).collect())
+            .collect();
         let (loss, d_logits) = multi_head_loss(&per_head, &weights.loss)?;
-        for (d_w, d_views) in d_weights.iter_mut().zip(&d_logits) {
-            for (z, d) in [&views.0, &views.1].into_iter().zip(d_views) {
-                general_mat_mul(f(weight), &d.t(), z, F::one(), d_w);
+        for (v, z) in [&views.0, &views.1].into_iter().enumerate() {
+            let mut d_view = Array2::<F>::zeros((z.nrows(), total_classes));
+            for ((head, &at), d) in heads.iter().zip(&offsets).zip(&d_logits) {
+                d_view.slice_mut(s![.., at..at + head.classes()]).assign(&d[v]);
             }
+            general_mat_mul(f(weight), &d_view.t(), z, F::one(), &mut d_stacked);
         }
         Ok(loss.to_f64().unwrap_or(f64::NAN) * weight)
     };
@@ -260,7 +277,8 @@ pub fn objective<F: NdFloat>(
             parts.anchor = pair_loss(anchors, weights.anchor_weight)?;
         }
     }
-    for ((head, d_w), grad) in heads.iter().zip(d_weights).zip(&mut grads) {
+    for ((head, &at), grad) in heads.iter().zip(&offsets).zip(&mut grads) {
+        let d_w = d_stacked.slice(s![at..at + head.classes(), ..]).to_owned();
         let (dv, dg) = head.weight_grad_to_params(d_w);
         grad.v += &dv;
         grad.g += &dg;

@@ -89,7 +89,10 @@ pub struct LossAndGrad<F> {
     pub grads: Vec<Array2<F>>,
 }
 
-/// Per-view quantities shared by every pair the view takes part in, all `N x C` row-major.
+/// Per-view quantities shared by every pair the view takes part in. All are stored class
+/// by class (`C x N` row-major, the transpose of the logits), so that reductions over the
+/// batch run along contiguous memory and reductions over the classes run element-wise
+/// across rows: both vectorise, whatever the number of classes.
 struct ViewTerms<F> {
     /// Row-normalised column softmax: the target this view gives.
     target: Vec<F>,
@@ -116,9 +119,28 @@ pub(crate) fn exp_in_place<F: NdFloat>(xs: &mut Vec<F>) {
     }
 }
 
+/// `e^x` for f32, with the widest vector instructions this processor has.
+fn exp_f32(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the processor has AVX2 and FMA, checked just above.
+        unsafe { exp_f32_avx2(xs) };
+        return;
+    }
+    exp_f32_portable(xs);
+}
+
+/// [`exp_f32_portable`] compiled for AVX2 and FMA (8 lanes instead of SSE2's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_f32_avx2(xs: &mut [f32]) {
+    exp_f32_portable(xs);
+}
+
 /// `e^x = 2^k e^r` with `k = round(x / ln 2)` and `|r| <= ln(2) / 2`; `e^r` by its
 /// degree-6 Taylor polynomial (truncation below 1.3e-7 relative), `2^k` built from bits.
-fn exp_f32(xs: &mut [f32]) {
+#[inline(always)]
+fn exp_f32_portable(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that k * LN2_HI is exact for |k| < 2^8.
     const LN2_HI: f32 = 0.693_145_75;
@@ -140,148 +162,185 @@ fn exp_f32(xs: &mut [f32]) {
     }
 }
 
-/// Softmax and log-softmax of `scale * x` down each column of the row-major `n x c` `x`,
-/// written into `soft` and `log`, with one exponential per element.
-fn softmax_cols<F: NdFloat>(x: &[F], c: usize, scale: F, soft: &mut Vec<F>, log: &mut Vec<F>) {
-    let mut max = vec![F::neg_infinity(); c];
-    for row in x.chunks_exact(c) {
-        for (m, &v) in max.iter_mut().zip(row) {
-            let v = v * scale;
-            *m = if v > *m { v } else { *m };
-        }
+/// Accumulator lanes of the reductions below: independent partial results the compiler can
+/// keep in one vector register.
+const LANES: usize = 8;
+
+/// Sum of `xs`, in [`LANES`] interleaved partial sums.
+fn sum<F: NdFloat>(xs: &[F]) -> F {
+    let mut acc = [F::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().fold(F::zero(), |s, &v| s + v);
+    for chunk in chunks {
+        acc.iter_mut().zip(chunk).for_each(|(a, &v)| *a += v);
     }
-    log.clear();
-    for row in x.chunks_exact(c) {
-        log.extend(row.iter().zip(&max).map(|(&v, &m)| v * scale - m));
-    }
-    soft.clear();
-    soft.extend_from_slice(log);
-    exp_in_place(soft);
-    let mut sum = vec![F::zero(); c];
-    for row in soft.chunks_exact(c) {
-        sum.iter_mut().zip(row).for_each(|(s, &e)| *s += e);
-    }
-    let ln_sum: Vec<F> = sum.iter().map(|s| s.ln()).collect();
-    let inv_sum: Vec<F> = sum.iter().map(|s| s.recip()).collect();
-    for (lrow, srow) in log.chunks_exact_mut(c).zip(soft.chunks_exact_mut(c)) {
-        for ((l, s), (&ln, &inv)) in lrow.iter_mut().zip(srow).zip(ln_sum.iter().zip(&inv_sum)) {
-            *l -= ln;
-            *s *= inv;
-        }
-    }
+    acc.iter().fold(rest, |s, &v| s + v)
 }
 
-/// Softmax and log-softmax of `scale * x` along each row of the row-major `n x c` `x`.
-fn softmax_rows<F: NdFloat>(x: &[F], c: usize, scale: F, soft: &mut Vec<F>, log: &mut Vec<F>) {
+/// Largest element of `xs` (`-inf` when empty).
+fn max<F: NdFloat>(xs: &[F]) -> F {
+    let mut acc = [F::neg_infinity(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().fold(F::neg_infinity(), |m, &v| if v > m { v } else { m });
+    for chunk in chunks {
+        acc.iter_mut().zip(chunk).for_each(|(a, &v)| *a = if v > *a { v } else { *a });
+    }
+    acc.iter().fold(rest, |m, &v| if v > m { v } else { m })
+}
+
+/// Dot product of `a` and `b`.
+fn dot<F: NdFloat>(a: &[F], b: &[F]) -> F {
+    let mut acc = [F::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest = ca.remainder().iter().zip(cb.remainder()).fold(F::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().fold(rest, |s, &v| s + v)
+}
+
+/// Softmax and log-softmax of `scale * x` along each contiguous row of `width` elements
+/// (rows of `x` are `width` long), written into `soft` and `log`.
+fn softmax_along<F: NdFloat>(x: &[F], width: usize, scale: F, soft: &mut Vec<F>, log: &mut Vec<F>) {
     log.clear();
-    for row in x.chunks_exact(c) {
-        let m = row.iter().fold(F::neg_infinity(), |m, &v| {
-            let v = v * scale;
-            if v > m {
-                v
-            } else {
-                m
-            }
-        });
+    for row in x.chunks_exact(width) {
+        let m = max(row) * scale;
         log.extend(row.iter().map(|&v| v * scale - m));
     }
     soft.clear();
     soft.extend_from_slice(log);
     exp_in_place(soft);
-    for (lrow, srow) in log.chunks_exact_mut(c).zip(soft.chunks_exact_mut(c)) {
-        let sum = srow.iter().fold(F::zero(), |s, &e| s + e);
-        let (ln, inv) = (sum.ln(), sum.recip());
+    for (lrow, srow) in log.chunks_exact_mut(width).zip(soft.chunks_exact_mut(width)) {
+        let total = sum(srow);
+        let (ln, inv) = (total.ln(), total.recip());
         lrow.iter_mut().for_each(|l| *l -= ln);
         srow.iter_mut().for_each(|s| *s *= inv);
     }
 }
 
+/// Softmax and log-softmax of `scale * x` across rows (for each position of a row of
+/// `width` elements, over all rows), written into `soft` and `log`.
+fn softmax_across<F: NdFloat>(
+    x: &[F],
+    width: usize,
+    scale: F,
+    soft: &mut Vec<F>,
+    log: &mut Vec<F>,
+) {
+    let mut top = vec![F::neg_infinity(); width];
+    for row in x.chunks_exact(width) {
+        top.iter_mut().zip(row).for_each(|(m, &v)| *m = if v > *m { v } else { *m });
+    }
+    // scale > 0, so the largest scaled value is the scaled largest value.
+    top.iter_mut().for_each(|m| *m = *m * scale);
+    log.clear();
+    for row in x.chunks_exact(width) {
+        log.extend(row.iter().zip(&top).map(|(&v, &m)| v * scale - m));
+    }
+    soft.clear();
+    soft.extend_from_slice(log);
+    exp_in_place(soft);
+    let totals = sums_across(soft, width);
+    let ln_sum: Vec<F> = totals.iter().map(|s| s.ln()).collect();
+    let inv_sum: Vec<F> = totals.iter().map(|s| s.recip()).collect();
+    for (lrow, srow) in log.chunks_exact_mut(width).zip(soft.chunks_exact_mut(width)) {
+        lrow.iter_mut().zip(&ln_sum).for_each(|(l, &ln)| *l -= ln);
+        srow.iter_mut().zip(&inv_sum).for_each(|(s, &inv)| *s *= inv);
+    }
+}
+
+/// For each position of a row of `width` elements, the sum over all rows.
+fn sums_across<F: NdFloat>(x: &[F], width: usize) -> Vec<F> {
+    let mut sums = vec![F::zero(); width];
+    for row in x.chunks_exact(width) {
+        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+    }
+    sums
+}
+
+/// The sum of each contiguous row of `width` elements.
+fn sums_along<F: NdFloat>(x: &[F], width: usize) -> Vec<F> {
+    x.chunks_exact(width).map(sum).collect()
+}
+
+/// `x` (`rows x cols`, any layout) transposed into a row-major `cols x rows` buffer.
+fn transposed<F: NdFloat>(x: &ArrayView2<F>) -> Vec<F> {
+    x.t().iter().copied().collect()
+}
+
 impl<F: NdFloat> ViewTerms<F> {
+    /// The terms of one view's logits (`N x C`).
     fn new(logits: &ArrayView2<F>, params: &LossParams) -> Self {
         let (n, c) = logits.dim();
         let inv_col_t = F::from(1.0 / params.col_temperature).unwrap_or_else(F::one);
         let inv_row_t = F::from(1.0 / params.row_temperature).unwrap_or_else(F::one);
         let scale_ln = (F::from(n).unwrap_or_else(F::one) / F::from(c).unwrap_or_else(F::one)).ln();
-        let x: Vec<F> = match logits.as_slice() {
-            Some(s) => s.to_vec(),
-            None => logits.iter().copied().collect(),
-        };
-        let len = n * c;
-        let buf = || Vec::with_capacity(len);
+        // Class by class: each row holds one class's logits over the batch.
+        let x = transposed(logits);
+        let buf = || Vec::with_capacity(n * c);
 
-        // Target: softmax along rows of the column log-softmax.
+        // Target: softmax over classes of the log-softmax over the batch.
         let (mut col_softmax, mut col_log) = (buf(), buf());
-        softmax_cols(&x, c, inv_col_t, &mut col_softmax, &mut col_log);
+        softmax_along(&x, n, inv_col_t, &mut col_softmax, &mut col_log);
         let (mut target, mut scratch) = (buf(), buf());
-        softmax_rows(&col_log, c, F::one(), &mut target, &mut scratch);
+        softmax_across(&col_log, n, F::one(), &mut target, &mut scratch);
 
-        // Prediction: log-softmax down columns of the row log-softmax, plus ln(N/C).
+        // Prediction: log-softmax over the batch of the log-softmax over classes, + ln(N/C).
         let (mut row_softmax, mut row_log) = (buf(), buf());
-        softmax_rows(&x, c, inv_row_t, &mut row_softmax, &mut row_log);
+        softmax_across(&x, n, inv_row_t, &mut row_softmax, &mut row_log);
         let (mut pred, mut log_pred) = (col_log, scratch);
-        softmax_cols(&row_log, c, F::one(), &mut pred, &mut log_pred);
+        softmax_along(&row_log, n, F::one(), &mut pred, &mut log_pred);
         log_pred.iter_mut().for_each(|v| *v += scale_ln);
 
         ViewTerms { target, col_softmax, log_pred, pred, row_softmax }
     }
 }
 
-/// Sums of each row of the row-major `x` with `c` columns.
-fn row_sums<F: NdFloat>(x: &[F], c: usize) -> Vec<F> {
-    x.chunks_exact(c).map(|row| row.iter().fold(F::zero(), |s, &v| s + v)).collect()
-}
-
-/// Sums of each column of the row-major `x` with `c` columns.
-fn col_sums<F: NdFloat>(x: &[F], c: usize) -> Vec<F> {
-    let mut sums = vec![F::zero(); c];
-    for row in x.chunks_exact(c) {
-        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
-    }
-    sums
-}
-
-/// The gradient with respect to one view's logits, from d loss / d target (`dt`) and
-/// d loss / d log-prediction (`dl`), through both softmax chains.
+/// The gradient with respect to one view's logits, class by class (`C x N`), from
+/// d loss / d target (`dt`) and d loss / d log-prediction (`dl`), through both softmax
+/// chains; `n` is the batch size.
 fn view_backward<F: NdFloat>(
     t: &ViewTerms<F>,
     dt: &[F],
     dl: &[F],
-    c: usize,
+    n: usize,
     inv_col_t: F,
     inv_row_t: F,
 ) -> Vec<F> {
-    // Target side: target = softmax_rows(col_log), col_log = log_softmax_cols(x / col_t).
-    //   d col_log = target * (dt - rowsum(target * dt))
-    //   d x      += (d col_log - col_softmax * colsum(d col_log)) / col_t
+    // Target side: target = softmax over classes of col_log, col_log = log-softmax over
+    // the batch of x / col_t:
+    //   d col_log = target * (dt - sum over classes of (target * dt))
+    //   d x      += (d col_log - col_softmax * (sum over the batch of d col_log)) / col_t
     let mut d_col_log: Vec<F> = t.target.iter().zip(dt).map(|(&y, &d)| y * d).collect();
-    let dots = row_sums(&d_col_log, c);
-    for ((row, trow), &dot) in
-        d_col_log.chunks_exact_mut(c).zip(t.target.chunks_exact(c)).zip(&dots)
-    {
-        row.iter_mut().zip(trow).for_each(|(v, &y)| *v -= y * dot);
+    let dots = sums_across(&d_col_log, n);
+    for (row, trow) in d_col_log.chunks_exact_mut(n).zip(t.target.chunks_exact(n)) {
+        row.iter_mut().zip(trow).zip(&dots).for_each(|((v, &y), &dot)| *v -= y * dot);
     }
-    let col_totals = col_sums(&d_col_log, c);
-    // Prediction side: log_pred = ln(N/C) + log_softmax_cols(row_log),
-    // row_log = log_softmax_rows(x / row_t).
-    //   d row_log = dl - pred * colsum(dl)
-    //   d x      += (d row_log - row_softmax * rowsum(d row_log)) / row_t
-    let dl_totals = col_sums(dl, c);
+    let batch_totals = sums_along(&d_col_log, n);
+    // Prediction side: log_pred = ln(N/C) + log-softmax over the batch of row_log,
+    // row_log = log-softmax over classes of x / row_t:
+    //   d row_log = dl - pred * (sum over the batch of dl)
+    //   d x      += (d row_log - row_softmax * (sum over classes of d row_log)) / row_t
+    let dl_totals = sums_along(dl, n);
     let mut d_row_log: Vec<F> = Vec::with_capacity(dl.len());
-    for (row, prow) in dl.chunks_exact(c).zip(t.pred.chunks_exact(c)) {
-        d_row_log.extend(row.iter().zip(prow).zip(&dl_totals).map(|((&d, &p), &s)| d - p * s));
+    for ((row, prow), &total) in dl.chunks_exact(n).zip(t.pred.chunks_exact(n)).zip(&dl_totals) {
+        d_row_log.extend(row.iter().zip(prow).map(|(&d, &p)| d - p * total));
     }
-    let row_totals = row_sums(&d_row_log, c);
+    let class_totals = sums_across(&d_row_log, n);
 
     let mut grad = d_col_log;
     let rows = grad
-        .chunks_exact_mut(c)
-        .zip(t.col_softmax.chunks_exact(c))
-        .zip(d_row_log.chunks_exact(c).zip(t.row_softmax.chunks_exact(c)))
-        .zip(&row_totals);
-    for (((g, cs), (drl, rs)), &rt) in rows {
-        for ((((g, &cs), &drl), &rs), &ct) in g.iter_mut().zip(cs).zip(drl).zip(rs).zip(&col_totals)
+        .chunks_exact_mut(n)
+        .zip(t.col_softmax.chunks_exact(n))
+        .zip(d_row_log.chunks_exact(n).zip(t.row_softmax.chunks_exact(n)))
+        .zip(&batch_totals);
+    for (((g, cs), (drl, rs)), &bt) in rows {
+        for ((((g, &cs), &drl), &rs), &ct) in
+            g.iter_mut().zip(cs).zip(drl).zip(rs).zip(&class_totals)
         {
-            *g = (*g - cs * ct) * inv_col_t + (drl - rs * rt) * inv_row_t;
+            *g = (*g - cs * bt) * inv_col_t + (drl - rs * ct) * inv_row_t;
         }
     }
     grad
@@ -327,8 +386,7 @@ pub fn uniform_prior_loss<F: NdFloat>(
     for &(a, b) in &pairs {
         let target = &terms[a].target;
         let log_pred = &terms[b].log_pred;
-        let dot = target.iter().zip(log_pred).fold(F::zero(), |s, (&t, &l)| s + t * l);
-        loss -= weight * dot;
+        loss -= weight * dot(target, log_pred);
         d_target[a].iter_mut().zip(log_pred).for_each(|(d, &l)| *d -= weight * l);
         d_log_pred[b].iter_mut().zip(target).for_each(|(d, &t)| *d -= weight * t);
     }
@@ -339,8 +397,10 @@ pub fn uniform_prior_loss<F: NdFloat>(
         .iter()
         .zip(d_target.iter().zip(&d_log_pred))
         .map(|(t, (dt, dl))| {
-            let g = view_backward(t, dt, dl, c, inv_col_t, inv_row_t);
-            Array2::from_shape_vec(shape, g)
+            let g = view_backward(t, dt, dl, n, inv_col_t, inv_row_t);
+            // Back from class by class to the logits' `N x C`.
+            Array2::from_shape_vec((c, n), g)
+                .map(|g| g.reversed_axes().as_standard_layout().into_owned())
                 .map_err(|e| Error::invalid("uniform-prior loss", e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
