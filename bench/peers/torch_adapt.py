@@ -63,7 +63,7 @@ def time_steps(req):
         t = time.perf_counter()
         loss = step(heads, opt, z1, z2)
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "loss": float(loss)}
+    return {"median_s": statistics.median(times), "loss": float(loss.detach())}
 
 
 def main():
