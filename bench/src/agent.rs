@@ -6,6 +6,9 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use selfclass_runtime::bundle::Bundle;
@@ -90,33 +93,63 @@ fn run_agent(agent: &Path, model: &Path, frames: usize, adapt: bool) -> Result<A
         cmd.arg("--no-adapt");
     }
     let mut child = cmd.spawn().with_context(|| format!("starting {}", agent.display()))?;
+    let sampler = PeakSampler::start(child.id());
     let mut log = String::new();
-    child
+    let read = child
         .stderr
         .take()
-        .context("agent without standard error")?
-        .read_to_string(&mut log)
-        .context("reading the agent's log")?;
-    let (status, rusage) = wait_with_rusage(child.id())?;
-    if status != 0 {
-        bail!("the agent exited with status {status}: {}", log.lines().last().unwrap_or(""));
+        .context("agent without standard error")
+        .and_then(|mut e| e.read_to_string(&mut log).context("reading the agent's log"));
+    let peak_kib = sampler.stop();
+    let status = child.wait().context("waiting for the agent")?;
+    read?;
+    if !status.success() {
+        bail!("the agent exited with {status}: {}", log.lines().last().unwrap_or(""));
     }
-    // ru_maxrss is in KiB on Linux.
-    parse_run(&log, rusage.ru_maxrss as f64 / 1024.0)
+    let peak_kib = peak_kib.context("no memory sample of the agent (it ended too soon)")?;
+    parse_run(&log, peak_kib as f64 / 1024.0)
 }
 
-/// Waits for child `pid`, returning its exit code and resource usage (peak RSS among it).
-fn wait_with_rusage(pid: u32) -> Result<(i32, libc::rusage)> {
-    let mut status = 0;
-    // SAFETY: rusage is plain old data that wait4 fills in; an all-zero value is valid.
-    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our own child, not yet reaped; both pointers are valid for writes.
-    let reaped = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut rusage) };
-    if reaped != pid as libc::pid_t {
-        bail!("waiting for the agent: {}", std::io::Error::last_os_error());
+/// Follows a process's peak resident set (`VmHWM`, which belongs to the program's own
+/// address space) while it runs. The kernel's `ru_maxrss` of a child is not used: it
+/// carries over the resident set of the parent the child was forked from.
+struct PeakSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl PeakSampler {
+    fn start(pid: u32) -> PeakSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let path = format!("/proc/{pid}/status");
+            let mut peak = None;
+            while !flag.load(Ordering::Relaxed) {
+                // Gone, or a zombie without an address space: the last sample stands.
+                let Some(kib) = std::fs::read_to_string(&path).ok().and_then(|s| vm_hwm_kib(&s))
+                else {
+                    break;
+                };
+                peak = Some(peak.map_or(kib, |p: u64| p.max(kib)));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        PeakSampler { stop, handle }
     }
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    Ok((code, rusage))
+
+    /// The peak seen, in KiB.
+    fn stop(self) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().ok().flatten()
+    }
+}
+
+/// The `VmHWM` line of a `/proc/PID/status` text, in KiB.
+fn vm_hwm_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn summary(values: impl Iterator<Item = f64>) -> Result<Summary> {
@@ -183,8 +216,8 @@ pub fn run(ctx: &Context) -> Result<Section> {
     section.notes.push(format!(
         "`target/release/edge-agent --source demo --fps 0 --frames {frames}` (every frame handed \
          over, events to /dev/null), {rounds} run(s) each with and without `--no-adapt`; figures \
-         from its final summary line, peak resident memory from the kernel's accounting of the \
-         process (`wait4`)."
+         from its final summary line, peak resident memory is the agent's `VmHWM`, sampled every \
+         5 ms while it runs."
     ));
     resolution(ctx, &agent, &mut section)?;
     Ok(section)
@@ -251,6 +284,14 @@ mod tests {
         assert!(parse_run("INFO agent stopped predictions=2000\n", 1.0).is_err());
         let broken = LOG.replace("\"1823.2\"", "\"fast\"");
         assert!(parse_run(&broken, 1.0).is_err());
+    }
+
+    #[test]
+    fn reads_the_peak_resident_set() {
+        let status =
+            "Name:\tedge-agent\nVmPeak:\t 900 kB\nVmHWM:\t   41234 kB\nVmRSS:\t 40000 kB\n";
+        assert_eq!(vm_hwm_kib(status), Some(41234));
+        assert_eq!(vm_hwm_kib("Name:\tzombie\n"), None);
     }
 
     #[test]

@@ -120,6 +120,14 @@ fn utc_now() -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
 }
 
+/// The one-minute load average: other work on the machine while the suite ran.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn peer_versions(venv: &Venv) -> Vec<(String, String)> {
     let code = "import sys, numpy, onnxruntime, torch; \
                 print(sys.version.split()[0], numpy.__version__, onnxruntime.__version__, \
@@ -189,6 +197,7 @@ fn run(args: Args) -> Result<usize> {
         profile_target::run(&ctx, workload, args.iters)?;
         return Ok(0);
     }
+    let load_before = load_average();
     let benches = if args.only.is_empty() {
         vec![Bench::Embed, Bench::Adapt, Bench::Train, Bench::Agent]
     } else {
@@ -214,7 +223,11 @@ fn run(args: Args) -> Result<usize> {
         println!("FAILED {name}: {error}");
     }
 
-    let machine = machine::describe(&root);
+    let mut machine = machine::describe(&root);
+    machine.push((
+        "load average (1 min) at start and end".into(),
+        format!("{} and {}", load_before, load_average()),
+    ));
     let peers = peer_versions(&ctx.venv);
     let notes: Vec<String> = ["peers.md", "profile.md"]
         .iter()

@@ -45,47 +45,56 @@ pub fn run(ctx: &Context) -> Result<Section> {
     let step_bench = ctx.release_binary("examples/step_bench");
     let torch_step = ctx.reference.join("torch_step.py");
     anyhow::ensure!(torch_step.is_file(), "{} is missing", torch_step.display());
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    // PyTorch with its default thread count (every core) and with one thread: on a loaded
+    // machine its threads can slow each other down, so both are measured.
+    let torch_threads = [None, Some(1usize)];
+    let mut ours = Vec::new();
+    let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); torch_threads.len()];
     for round in 0..rounds {
-        let (x, y) = interleave(
-            round,
-            || {
-                run_and_read(
-                    Command::new(&step_bench)
-                        .args(["--batch", &BATCH.to_string(), "--steps", &steps.to_string()])
-                        .arg("--no-torch")
-                        .current_dir(&ctx.root),
-                    "step_bench",
-                    "selfclass:",
-                )
-            },
-            || {
-                run_and_read(
-                    Command::new(ctx.venv.python())
-                        .arg(&torch_step)
-                        .args(["--batch", &BATCH.to_string(), "--steps", &steps.to_string()])
-                        .current_dir(&ctx.reference),
-                    "torch_step.py",
-                    "",
-                )
-            },
-        )?;
-        tracing::info!(round, trainer_s = x, pytorch_s = y, "training step");
-        a.push(x);
-        b.push(y);
+        let trainer = || {
+            run_and_read(
+                Command::new(&step_bench)
+                    .args(["--batch", &BATCH.to_string(), "--steps", &steps.to_string()])
+                    .arg("--no-torch")
+                    .current_dir(&ctx.root),
+                "step_bench",
+                "selfclass:",
+            )
+        };
+        let torch = |threads: Option<usize>| {
+            let mut cmd = Command::new(ctx.venv.python());
+            cmd.arg(&torch_step)
+                .args(["--batch", &BATCH.to_string(), "--steps", &steps.to_string()])
+                .current_dir(&ctx.reference);
+            if let Some(t) = threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
+            run_and_read(&mut cmd, "torch_step.py", "")
+        };
+        let (x, ys) = interleave(round, trainer, || {
+            torch_threads.iter().map(|&t| torch(t)).collect::<Result<Vec<f64>>>()
+        })?;
+        tracing::info!(round, trainer_s = x, pytorch_s = ?ys, "training step");
+        ours.push(x);
+        theirs.iter_mut().zip(ys).for_each(|(list, y)| list.push(y));
     }
     let mut section = Section::default();
-    section.rows.push(Row {
-        comparison: NAME.into(),
-        case: format!("reference network, batch {BATCH}x2 views, both on every core"),
-        ours: Figure::new(Summary::of(&a).context("no timing")?, Unit::Seconds),
-        peer: Some((
-            "PyTorch".into(),
-            Figure::new(Summary::of(&b).context("no timing")?, Unit::Seconds),
-        )),
-        ratio: Summary::of(&ratios(&a, &b)),
-        target: Some(Target { max_ratio: 1.5 }),
-    });
+    for (threads, b) in torch_threads.iter().zip(&theirs) {
+        let label = threads.map_or("default threads".to_string(), |t| format!("{t} thread"));
+        section.rows.push(Row {
+            comparison: NAME.into(),
+            case: format!(
+                "reference network, batch {BATCH}x2 views; trainer on every core, PyTorch {label}"
+            ),
+            ours: Figure::new(Summary::of(&ours).context("no timing")?, Unit::Seconds),
+            peer: Some((
+                "PyTorch".into(),
+                Figure::new(Summary::of(b).context("no timing")?, Unit::Seconds),
+            )),
+            ratio: Summary::of(&ratios(&ours, b)),
+            target: Some(Target { max_ratio: 1.5 }),
+        });
+    }
     section.notes.push(format!(
         "Each round runs `trainer/examples/step_bench.rs` (`--no-torch`) and the reference's \
          `torch_step.py` once each, {steps} timed steps apiece (median), alternating which \
