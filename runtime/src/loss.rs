@@ -234,7 +234,7 @@ fn softmax_across<F: NdFloat>(
         top.iter_mut().zip(row).for_each(|(m, &v)| *m = if v > *m { v } else { *m });
     }
     // scale > 0, so the largest scaled value is the scaled largest value.
-    top.iter_mut().for_each(|m| *m = *m * scale);
+    top.iter_mut().for_each(|m| *m *= scale);
     log.clear();
     for row in x.chunks_exact(width) {
         log.extend(row.iter().zip(&top).map(|(&v, &m)| v * scale - m));
