@@ -194,6 +194,15 @@ pub fn run(
                 path.display()
             );
         }
+        if let Some((path, version)) = &restored.parked {
+            info!(
+                parked = %path.display(),
+                "the adapted heads belong to model version {version}; kept aside for when it runs again"
+            );
+        }
+        if let Some(path) = &restored.unparked {
+            info!(from = %path.display(), "took back the heads adapted earlier for this model");
+        }
         if let Some(r) = restored.replay {
             replay = if r.capacity() == config.replay_capacity {
                 r

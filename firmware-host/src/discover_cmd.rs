@@ -112,6 +112,7 @@ pub fn run(
 
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("output folder {}: cannot create it", options.out.display()))?;
+    remove_old_sheets(&options.out)?;
 
     let mut head_json = Vec::new();
     let mut chosen_scores = None;
@@ -298,7 +299,19 @@ fn state_heads(
                 state.snapshot.heads.iter().map(|h| h.to_head()).collect();
             Ok(heads?)
         }
-        _ => Ok(model.heads.clone()),
+        Ok(state) => {
+            tracing::warn!(
+                heads = %path.display(),
+                adapted_from_version = state.model_version,
+                model_version = model.bundle.model_version,
+                "the state's adapted heads belong to another model; using the model's own heads (pass --model with the model they were adapted from)"
+            );
+            Ok(model.heads.clone())
+        }
+        Err(why) => {
+            tracing::warn!(heads = %path.display(), %why, "the state's adapted heads cannot be read; using the model's own heads");
+            Ok(model.heads.clone())
+        }
     }
 }
 
@@ -323,6 +336,23 @@ fn thumbnail(frame: &CapturedFrame) -> anyhow::Result<image::DynamicImage> {
     }
     .context("a frame whose size does not match its pixels")?;
     Ok(if w.max(h) > THUMB_SIDE { image.thumbnail(THUMB_SIDE, THUMB_SIDE) } else { image })
+}
+
+/// Deletes the contact sheets an earlier run left in `out` (`cluster-NNN.png`), so the
+/// folder shows this run's clusters only.
+fn remove_old_sheets(out: &Path) -> anyhow::Result<()> {
+    let entries = std::fs::read_dir(out)
+        .with_context(|| format!("output folder {}: cannot list it", out.display()))?;
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let digits = name.strip_prefix("cluster-").and_then(|n| n.strip_suffix(".png"));
+        if digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+            std::fs::remove_file(&path).with_context(|| {
+                format!("output folder: cannot remove the old sheet {}", path.display())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// A square grid of the thumbnails, each scaled to fill a cell.

@@ -26,13 +26,19 @@ pub const DEFAULT_MODEL: &str = "models/fashion-mnist.scb";
 
 /// Temperature of the softmax whose top value is reported as confidence (the method's
 /// prediction temperature).
-pub const CONFIDENCE_TEMPERATURE: f64 = 0.1;
+pub use selfclass_runtime::discover::CONFIDENCE_TEMPERATURE;
 
 /// Finds the model file: `path` as given, or for the default path, the repository's
 /// `models/` folder when run from elsewhere.
 pub fn resolve_model(path: &Path) -> anyhow::Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        anyhow::bail!(
+            "model {}: is a directory; pass --model PATH to a .scb bundle file",
+            path.display()
+        );
     }
     if path == Path::new(DEFAULT_MODEL) {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(DEFAULT_MODEL);
@@ -41,7 +47,7 @@ pub fn resolve_model(path: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     anyhow::bail!(
-        "model {}: no such file; pass --model PATH to a .scb bundle (the trainer, sc-train, writes them into models/)",
+        "model {}: no such file; pass --model PATH to a .scb bundle (sc-train writes OUT/model.scb at the end of training; the shipped one is models/fashion-mnist.scb)",
         path.display()
     )
 }

@@ -288,6 +288,25 @@ impl FolderSource {
             }
         }
         if files.is_empty() {
+            // A folder of IDX files (the layout the trainer reads): name the images file.
+            let idx = entries.iter().find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.contains("images-idx3-ubyte") && !n.starts_with("train"))
+            });
+            if let Some(idx) = idx.or_else(|| {
+                entries.iter().find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.contains("-idx3-ubyte"))
+                })
+            }) {
+                bail!(
+                    "source {}: the folder holds IDX files, not PNG or JPEG images; name the images file itself, e.g. --source {}",
+                    dir.display(),
+                    idx.display()
+                );
+            }
             bail!(
                 "source {}: the folder holds no PNG or JPEG image (nor sub-folders of them); put images in it or name another source",
                 dir.display()
@@ -470,5 +489,11 @@ mod tests {
         assert!(format!("{err:#}").contains("no PNG or JPEG"), "{err:#}");
         let err = open(&SourceSpec::Path("/no/such/thing".into()), 1, false).err().expect("error");
         assert!(format!("{err:#}").contains("/no/such/thing"), "{err:#}");
+        // A folder in the trainer's IDX layout: the error names the test images file.
+        for name in ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"] {
+            std::fs::write(dir.path().join(name), b"").expect("write");
+        }
+        let err = open(&SourceSpec::Path(dir.path().into()), 1, false).err().expect("error");
+        assert!(format!("{err:#}").contains("t10k-images-idx3-ubyte.gz"), "{err:#}");
     }
 }

@@ -8,9 +8,12 @@
 //!   were adapted from, in a frame of magic, length and SHA-256.
 //!
 //! Each file is checked on its own at start. A file that fails its check (damaged, from
-//! another model, from an incompatible version) is renamed aside to
+//! an incompatible version, of another embedding size) is renamed aside to
 //! `NAME.rejected-UNIXSECONDS` with a warning, never deleted, and the agent starts that
-//! part fresh.
+//! part fresh. Heads adapted from another model are not damaged: when the model changes
+//! (an update, a rollback) they are parked as `heads-MODELDIGEST.bin`, and taken back when
+//! that model runs again, so a rollback resumes the old model's adaptation. The
+//! [`MAX_PARKED_HEADS`] most recent are kept.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +27,8 @@ use sha2::{Digest, Sha256};
 const HEADS_MAGIC: &[u8; 8] = b"SCHEADS1";
 const REPLAY_FILE: &str = "replay.bin";
 const HEADS_FILE: &str = "heads.bin";
+/// Heads of other models kept in a state directory.
+pub const MAX_PARKED_HEADS: usize = 4;
 
 /// The adapted heads with the identity of the model they belong to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +80,10 @@ pub struct Restored {
     pub heads: Option<HeadsState>,
     /// Files renamed aside, with why.
     pub rejected: Vec<(PathBuf, String)>,
+    /// Heads of another model parked under their model's name, with that model's version.
+    pub parked: Option<(PathBuf, u64)>,
+    /// Parked heads of this model that were taken back.
+    pub unparked: Option<PathBuf>,
 }
 
 impl StateDir {
@@ -131,14 +140,63 @@ impl StateDir {
             match HeadsState::from_bytes(&bytes) {
                 Ok(h) if &h.model_digest == model_digest => restored.heads = Some(h),
                 Ok(h) => {
-                    let why =
-                        format!("was adapted from another model (version {})", h.model_version);
-                    restored.rejected.push((self.set_aside(&heads_path)?, why));
+                    let parked = self.parked_path(&h.model_digest);
+                    std::fs::rename(&heads_path, &parked).with_context(|| {
+                        format!("state file {}: cannot park it", heads_path.display())
+                    })?;
+                    restored.parked = Some((parked, h.model_version));
                 }
                 Err(why) => restored.rejected.push((self.set_aside(&heads_path)?, why)),
             }
         }
+        if restored.heads.is_none() {
+            let parked = self.parked_path(model_digest);
+            if let Some(bytes) = read_if_present(&parked)? {
+                match HeadsState::from_bytes(&bytes) {
+                    Ok(h) if &h.model_digest == model_digest => {
+                        std::fs::rename(&parked, &heads_path).with_context(|| {
+                            format!("state file {}: cannot take it back", parked.display())
+                        })?;
+                        restored.heads = Some(h);
+                        restored.unparked = Some(parked);
+                    }
+                    Ok(_) => {
+                        let why = "is named for another model than it holds".to_string();
+                        restored.rejected.push((self.set_aside(&parked)?, why));
+                    }
+                    Err(why) => restored.rejected.push((self.set_aside(&parked)?, why)),
+                }
+            }
+        }
+        self.prune_parked()?;
         Ok(restored)
+    }
+
+    /// Where heads adapted from the model with `digest` wait while another model runs.
+    pub fn parked_path(&self, digest: &[u8; 32]) -> PathBuf {
+        let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("heads-{name}.bin"))
+    }
+
+    /// Deletes all but the [`MAX_PARKED_HEADS`] most recently parked heads.
+    fn prune_parked(&self) -> anyhow::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        let mut parked: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("heads-") && n.ends_with(".bin") && n.len() == 26
+                })
+            })
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .collect();
+        parked.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, path) in parked.into_iter().skip(MAX_PARKED_HEADS) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("state file {}: cannot remove it", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Renames a rejected file aside; returns its new name.
@@ -208,6 +266,41 @@ mod tests {
     }
 
     #[test]
+    fn heads_follow_their_model_through_an_update_and_a_rollback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::open(dir.path()).expect("open");
+        let (replay, heads) = sample_state();
+        state.save(&replay, &heads).expect("save");
+        // Model [8; 32] installed: the heads of [7; 32] wait aside, nothing is rejected.
+        let back = state.restore(&[8; 32], 2).expect("restore");
+        assert!(back.heads.is_none() && back.rejected.is_empty());
+        assert!(back.parked.is_some());
+        let mut newer = heads.clone();
+        newer.model_digest = [8; 32];
+        newer.snapshot.steps = 99;
+        state.save(&replay, &newer).expect("save");
+        // Rolled back to [7; 32]: its own heads come back, the others are parked.
+        let back = state.restore(&[7; 32], 2).expect("restore");
+        assert_eq!(back.heads.as_ref(), Some(&heads));
+        assert_eq!(back.unparked, Some(state.parked_path(&[7; 32])));
+        assert!(state.parked_path(&[8; 32]).exists() && state.heads_path().exists());
+        // At most MAX_PARKED_HEADS are kept.
+        for d in 10..20u8 {
+            let mut other = heads.clone();
+            other.model_digest = [d; 32];
+            state.save(&replay, &other).expect("save");
+            state.restore(&[d + 100; 32], 2).expect("restore");
+        }
+        let parked = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter(|e| {
+                e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("heads-"))
+            })
+            .count();
+        assert_eq!(parked, MAX_PARKED_HEADS);
+    }
+
+    #[test]
     fn damaged_or_foreign_files_are_set_aside_not_deleted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = StateDir::open(dir.path()).expect("open");
@@ -220,13 +313,17 @@ mod tests {
 
         let back = state.restore(&[9; 32], 2).expect("restore never fails on content");
         assert!(back.replay.is_none() && back.heads.is_none());
-        assert_eq!(back.rejected.len(), 2);
+        assert_eq!(back.rejected.len(), 1);
         assert!(back.rejected[0].1.contains("digest"), "{:?}", back.rejected);
-        assert!(back.rejected[1].1.contains("another model"), "{:?}", back.rejected);
         for (path, _) in &back.rejected {
             assert!(path.exists(), "{} kept", path.display());
         }
+        // The heads of model [7; 32] are parked, not rejected.
+        let (parked, version) = back.parked.expect("parked");
+        assert_eq!((parked.clone(), version), (state.parked_path(&[7; 32]), 3));
+        assert!(parked.exists());
         assert!(!state.replay_path().exists() && !state.heads_path().exists());
+        std::fs::remove_file(&parked).expect("remove");
 
         // A truncated heads file, and an empty one.
         for bytes in [&b""[..], &heads.to_bytes().expect("bytes")[..30]] {

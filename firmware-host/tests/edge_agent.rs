@@ -413,6 +413,10 @@ fn discover_reads_a_state_directory() {
         .arg(&state));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out_dir = dir.path().join("found");
+    // A sheet left by an earlier run goes; the user's own files stay.
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    std::fs::write(out_dir.join("cluster-999.png"), b"old").expect("old sheet");
+    std::fs::write(out_dir.join("notes.txt"), b"mine").expect("user file");
     let out = run(agent()
         .args(["discover", "--model"])
         .arg(model())
@@ -427,6 +431,7 @@ fn discover_reads_a_state_directory() {
     .expect("json");
     assert!(report["items"].as_u64().is_some_and(|n| n > 0));
     assert!(out_dir.join("index.html").exists());
+    assert!(!out_dir.join("cluster-999.png").exists() && out_dir.join("notes.txt").exists());
     // The replay keeps a thumbnail of every frame: each cluster gets its contact sheet.
     let clusters = report["clusters"].as_array().expect("clusters");
     assert!(!clusters.is_empty(), "{report}");

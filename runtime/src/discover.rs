@@ -97,6 +97,11 @@ impl Discovery {
     }
 }
 
+/// The temperature at which the programs report a prediction's confidence: the row
+/// temperature the models are trained with, so that confidence is the probability the
+/// loss itself sees.
+pub const CONFIDENCE_TEMPERATURE: f64 = 0.1;
+
 /// Class and confidence (largest softmax probability at `row_temperature`) of each row.
 pub fn predict_with_confidence(
     head: &Head<f32>,

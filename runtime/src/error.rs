@@ -14,8 +14,8 @@ pub enum Error {
     InvalidInput { op: &'static str, reason: String },
 
     /// A file could not be read or written.
-    #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{action} {path}: {cause}")]
+    Io { action: &'static str, path: PathBuf, cause: std::io::Error },
 
     /// A model bundle that cannot be used: truncated, corrupt, wrong version, bad digest.
     #[error("model bundle {origin}: {reason}")]
@@ -40,7 +40,7 @@ impl Error {
         path: impl Into<PathBuf>,
         source: std::io::Error,
     ) -> Self {
-        Error::Io { action, path: path.into(), source }
+        Error::Io { action, path: path.into(), cause: source }
     }
 
     pub(crate) fn bundle(origin: impl Into<String>, reason: impl Into<String>) -> Self {

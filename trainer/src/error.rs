@@ -15,8 +15,8 @@ pub enum Error {
     Data { path: PathBuf, reason: String },
 
     /// A file could not be read or written.
-    #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{action} {path}: {cause}")]
+    Io { action: &'static str, path: PathBuf, cause: std::io::Error },
 
     /// Settings that do not fit together (checked before any training starts).
     #[error("invalid settings: {0}")]
@@ -27,12 +27,12 @@ pub enum Error {
     Checkpoint { path: PathBuf, reason: String },
 
     /// A tensor operation failed; `op` names what the trainer was doing.
-    #[error("{op}: {source}")]
-    Tensor { op: &'static str, source: candle_core::Error },
+    #[error("{op}: {cause}")]
+    Tensor { op: &'static str, cause: candle_core::Error },
 
     /// The device library refused an input (loss, head, metrics, bundle).
-    #[error("{op}: {source}")]
-    Runtime { op: &'static str, source: selfclass_runtime::Error },
+    #[error("{op}: {cause}")]
+    Runtime { op: &'static str, cause: selfclass_runtime::Error },
 
     /// The ONNX export could not be built or does not agree with the trainer.
     #[error("export: {0}")]
@@ -47,7 +47,7 @@ impl Error {
 
     /// An I/O error for `path` while doing `action` ("reading", "writing", ...).
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { action, path: path.into(), source }
+        Error::Io { action, path: path.into(), cause: source }
     }
 
     /// A settings error.
@@ -69,12 +69,12 @@ pub trait Context<T> {
 
 impl<T> Context<T> for std::result::Result<T, candle_core::Error> {
     fn ctx(self, op: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Tensor { op, source })
+        self.map_err(|cause| Error::Tensor { op, cause })
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, selfclass_runtime::Error> {
     fn ctx(self, op: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Runtime { op, source })
+        self.map_err(|cause| Error::Runtime { op, cause })
     }
 }

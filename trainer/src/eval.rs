@@ -8,6 +8,7 @@ use crate::data::Dataset;
 use crate::error::Context;
 use crate::model::{Mode, Model};
 use crate::{Error, Result};
+use selfclass_runtime::discover::CONFIDENCE_TEMPERATURE;
 
 /// Images embedded per forward pass during evaluation.
 const EVAL_CHUNK: usize = 500;
@@ -48,18 +49,24 @@ pub fn embed_dataset(
     Tensor::cat(&parts, 0).ctx("embed data set")
 }
 
-/// Arg-max class of every head for embeddings `z`, and the softmax confidence of head 0's
-/// choice (row temperature 1).
-pub fn predict(model: &Model, z: &Tensor) -> Result<(Vec<Vec<u32>>, Vec<f32>)> {
+/// Arg-max class of every head for embeddings `z`, and per head the confidence of that
+/// choice: its softmax probability at [`CONFIDENCE_TEMPERATURE`], as the device reports it.
+pub fn predict(model: &Model, z: &Tensor) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
     let logits = model.logits(z)?;
     let clusters = logits
         .iter()
         .map(|l| l.argmax(D::Minus1).and_then(|a| a.to_vec1::<u32>()).ctx("predict"))
         .collect::<Result<Vec<_>>>()?;
-    let confidence = candle_nn::ops::softmax_last_dim(&logits[0])
-        .and_then(|p| p.max(D::Minus1))
-        .and_then(|p| p.to_vec1::<f32>())
-        .ctx("confidence")?;
+    let confidence = logits
+        .iter()
+        .map(|l| {
+            (l / CONFIDENCE_TEMPERATURE)
+                .and_then(|l| candle_nn::ops::softmax_last_dim(&l))
+                .and_then(|p| p.max(D::Minus1))
+                .and_then(|p| p.to_vec1::<f32>())
+                .ctx("confidence")
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok((clusters, confidence))
 }
 

@@ -12,6 +12,7 @@ use ndarray::{Array1, Array2, Array4};
 use prost::Message;
 use selfclass_runtime::backbone::Backbone as TractBackbone;
 use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
+use selfclass_runtime::discover::{predict_with_confidence, CONFIDENCE_TEMPERATURE};
 use selfclass_runtime::head::Head;
 use tract_onnx::pb::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
@@ -382,8 +383,9 @@ pub struct Predictions {
     pub head_classes: Vec<usize>,
     /// Per head, the arg-max class of every image.
     pub clusters: Vec<Vec<u32>>,
-    /// Softmax probability of head 0's chosen class, per image.
-    pub confidence: Vec<f32>,
+    /// Per head, the softmax probability of the chosen class at the device's confidence
+    /// temperature, per image.
+    pub confidence: Vec<Vec<f32>>,
 }
 
 /// Head outputs of a bundle, run with the device runtime, for every image of `data`.
@@ -404,7 +406,7 @@ pub fn predict_with_bundle(path: &Path, data: &Dataset) -> Result<Predictions> {
     let net = TractBackbone::from_bundle(&bundle).ctx("loading network")?;
     let heads = bundle.heads().ctx("bundle heads")?;
     let mut clusters = vec![Vec::with_capacity(data.len()); heads.len()];
-    let mut confidence = Vec::with_capacity(data.len());
+    let mut confidence = vec![Vec::with_capacity(data.len()); heads.len()];
     let chunk = 256;
     let len = data.image_len();
     let mut start = 0;
@@ -419,14 +421,9 @@ pub fn predict_with_bundle(path: &Path, data: &Dataset) -> Result<Predictions> {
                 .map_err(|e| Error::Export(e.to_string()))?;
         let z = net.embed(x.view()).ctx("embedding")?;
         for (h, head) in heads.iter().enumerate() {
-            let logits = head.logits(z.view());
-            for row in logits.rows() {
-                clusters[h].push(selfclass_runtime::head::argmax(row) as u32);
-                if h == 0 {
-                    let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let total: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-                    confidence.push(1.0 / total);
-                }
+            for (cluster, p) in predict_with_confidence(head, z.view(), CONFIDENCE_TEMPERATURE) {
+                clusters[h].push(cluster);
+                confidence[h].push(p);
             }
         }
         start = end;

@@ -201,9 +201,15 @@ struct PredictArgs {
     data: PathBuf,
     #[arg(long, default_value = "test")]
     split: String,
-    /// CSV file to write.
+    /// CSV file to write: one row per image in the data set's order (IDX order; for
+    /// folders, sub-folders then files in name order), its label when the data has them,
+    /// the cluster of every head and the confidence of each (softmax probability at the
+    /// temperature the device reports, 0.1).
     #[arg(long)]
     out: PathBuf,
+    /// Only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 #[derive(Args)]
@@ -228,7 +234,11 @@ fn main() {
     selfclass_trainer::tune_cpu();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -435,18 +445,30 @@ fn eval_command(args: EvalArgs, device: &Device) -> Result<()> {
 fn predict_command(args: PredictArgs, device: &Device) -> Result<()> {
     use std::io::Write;
     let split: Split = args.split.parse()?;
-    let data = Dataset::load(&args.data, split)?;
+    let mut data = Dataset::load(&args.data, split)?;
+    if let Some(limit) = args.limit {
+        data = data.take(limit);
+    }
     let export::Predictions { head_classes: heads, clusters, confidence } =
         load_predictions(&args.model, &data, device)?;
     let file = std::fs::File::create(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let header: Vec<String> =
-        heads.iter().enumerate().map(|(i, k)| format!("head{i}_k{k}")).collect();
-    writeln!(out, "index,{},confidence", header.join(","))?;
+    let mut header = vec!["index".to_string()];
+    if data.labels.is_some() {
+        header.push("label".into());
+    }
+    header.extend(heads.iter().enumerate().map(|(i, k)| format!("head{i}_k{k}")));
+    header.extend((0..heads.len()).map(|i| format!("confidence{i}")));
+    writeln!(out, "{}", header.join(","))?;
     for i in 0..data.len() {
-        let row: Vec<String> = clusters.iter().map(|c| c[i].to_string()).collect();
-        writeln!(out, "{i},{},{:.4}", row.join(","), confidence[i])?;
+        let mut row = vec![i.to_string()];
+        if let Some(labels) = &data.labels {
+            row.push(labels[i].to_string());
+        }
+        row.extend(clusters.iter().map(|c| c[i].to_string()));
+        row.extend(confidence.iter().map(|c| format!("{:.4}", c[i])));
+        writeln!(out, "{}", row.join(","))?;
     }
     out.flush().with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(images = data.len(), path = %args.out.display(), "predictions written");

@@ -401,6 +401,29 @@ pub fn train_step(
     Ok((loss, second_view_clusters))
 }
 
+/// The settings that differ between two configurations, as `name: saved -> given`.
+fn differing_settings(saved: &TrainConfig, given: &TrainConfig) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                for (key, va) in x {
+                    let vb = y.get(key).unwrap_or(&serde_json::Value::Null);
+                    let name = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    walk(&name, va, vb, out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let (Ok(a), Ok(b)) = (serde_json::to_value(saved), serde_json::to_value(given)) else {
+        return vec!["settings that cannot be listed".into()];
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
+}
+
 /// Runs (or resumes) training; writes a checkpoint after every epoch and prints one JSON
 /// line per epoch to stdout.
 pub fn run(config: TrainConfig, inputs: RunInputs, device: &Device) -> Result<RunOutput> {
@@ -432,9 +455,12 @@ pub fn run(config: TrainConfig, inputs: RunInputs, device: &Device) -> Result<Ru
     if inputs.resume {
         let saved = read_checkpoint_state(&inputs.out_dir)?;
         if saved.config != config {
+            let changed = differing_settings(&saved.config, &config).join(", ");
             return Err(Error::checkpoint(
                 inputs.out_dir.join(CHECKPOINT_STATE),
-                "was written with other settings; resume with the same flags, or start a new output directory",
+                format!(
+                    "was written with other settings ({changed}); resume with the same flags, or start a new output directory (the schedule depends on --epochs, so a run cannot be lengthened)"
+                ),
             ));
         }
         let tensors = read_checkpoint_tensors(&inputs.out_dir, device)?;

@@ -128,11 +128,25 @@ fn train_eval_predict_and_resume() {
         data,
         "--out",
         csv.to_str().expect("utf-8"),
+        "--limit",
+        "300",
     ]);
     assert!(out.status.success(), "predict failed: {}", stderr(&out));
     let text = std::fs::read_to_string(&csv).expect("csv");
-    assert_eq!(text.lines().count(), 1001);
-    assert_eq!(text.lines().next(), Some("index,head0_k10,head1_k16,confidence"));
+    assert_eq!(text.lines().count(), 301);
+    assert_eq!(
+        text.lines().next(),
+        Some("index,label,head0_k10,head1_k16,confidence0,confidence1")
+    );
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), 6, "{line}");
+        for c in &fields[4..] {
+            let c: f64 = c.parse().expect("a confidence");
+            // At least an even share of the head's classes, at most 1.
+            assert!((1.0 / 16.0..=1.0).contains(&c), "{line}");
+        }
+    }
 
     // Stopping after one epoch and resuming reaches the same weights as the straight run.
     let resumed = dir.path().join("resumed");
@@ -144,6 +158,11 @@ fn train_eval_predict_and_resume() {
     let a = std::fs::read(straight.join("checkpoint.safetensors")).expect("straight checkpoint");
     let b = std::fs::read(resumed.join("checkpoint.safetensors")).expect("resumed checkpoint");
     assert!(a == b, "resumed run differs from the uninterrupted one");
+
+    // Resuming with other settings names them.
+    let out = train(&resumed, &["--epochs", "3", "--resume"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("epochs: 2 -> 3"), "{}", stderr(&out));
 }
 
 #[test]

@@ -106,14 +106,16 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 struct DiscoverArgs {
-    /// Model bundle (.scb).
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    /// Model bundle (.scb). Default: with --state, the model installed there by `fleet`
+    /// (STATE/update/current.scb) if any, else the shipped model.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Images: `demo`, an image folder (sub-folders are labels), an IDX file (labels
-    /// beside it are used), a .y4m file or `-`.
+    /// beside it are used), a .y4m file or `-`. Give this or --state.
     #[arg(long, conflicts_with = "state", required_unless_present = "state")]
     source: Option<String>,
-    /// A state directory: discover in its replay, with its adapted heads.
+    /// A state directory: discover in its replay, with its adapted heads. Give this or
+    /// --source.
     #[arg(long)]
     state: Option<PathBuf>,
     /// Output folder for clusters.json, the contact sheets and index.html.
@@ -156,12 +158,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
+fn run(args: RunArgs, mut started: Instant) -> anyhow::Result<()> {
     let spec = match (&args.source, args.camera) {
         (Some(s), _) => Some(SourceSpec::parse(s)),
         (None, Some(_)) => None,
         (None, None) => anyhow::bail!("no frame source; give --source demo|PATH|- or --camera N"),
     };
+    anyhow::ensure!(args.frames != Some(0), "--frames 0: give a positive number of predictions");
+    anyhow::ensure!(
+        args.adapt_budget_ms <= 1000,
+        "--adapt-budget-ms {}: at most 1000 milliseconds per second",
+        args.adapt_budget_ms
+    );
+    if args.listen.is_some() && matches!(spec, Some(SourceSpec::Stdin)) {
+        tracing::warn!(
+            "--source - with --listen: standard input cannot be reopened when an update restarts the run; use a camera, the demo or a file"
+        );
+    }
     for (name, value) in
         [("--save-every-s", args.save_every_s), ("--status-every-s", args.status_every_s)]
     {
@@ -259,6 +272,8 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
         let summary = agent::run(&model, source, &config, Arc::clone(&stop))?;
         if updates.as_ref().is_some_and(|u| u.take_restart()) {
             info!("model changed by an update; restarting on it");
+            // The next run's first-prediction time counts from its own start.
+            started = Instant::now();
             continue;
         }
         info!(
@@ -278,7 +293,16 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<()> {
 }
 
 fn discover(args: DiscoverArgs) -> anyhow::Result<()> {
-    let model = Model::load(&args.model)?;
+    let installed = args.state.as_ref().map(|s| s.join("update").join("current.scb"));
+    let model_path = match (&args.model, installed) {
+        (Some(m), _) => m.clone(),
+        (None, Some(installed)) if installed.is_file() => {
+            info!(model = %installed.display(), "using the model installed in the state directory");
+            installed
+        }
+        (None, _) => PathBuf::from(DEFAULT_MODEL),
+    };
+    let model = Model::load(&model_path)?;
     let input = match (&args.source, &args.state) {
         (Some(s), _) => DiscoverInput::Source(SourceSpec::parse(s)),
         (None, Some(dir)) => DiscoverInput::State(dir.clone()),

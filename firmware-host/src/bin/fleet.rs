@@ -43,10 +43,13 @@ enum Command {
     },
     /// Set a bundle's version and sign it. Versions only go up.
     Sign {
+        /// The secret signing key (PREFIX.key from `fleet keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The bundle (.scb) to sign.
         #[arg(long)]
         model: PathBuf,
+        /// The version it gets; above any version the devices ran.
         #[arg(long)]
         version: u64,
         /// Where to write the signed bundle (default: over --model).
@@ -55,8 +58,10 @@ enum Command {
     },
     /// Push a signed bundle to the inventory: canaries first, then the rest.
     Push {
+        /// The signed bundle to install.
         #[arg(long)]
         model: PathBuf,
+        /// The devices: a TOML file (see FLEET.md).
         #[arg(long)]
         inventory: PathBuf,
         /// Signing key for the orders (default: the inventory's `key`).
@@ -83,25 +88,31 @@ enum Command {
     },
     /// Show each device's versions, state and health.
     Status {
-        #[arg(long)]
-        inventory: PathBuf,
-        #[arg(long)]
-        device: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Order devices back to their previous model.
-    Rollback {
+        /// The devices: a TOML file (see FLEET.md).
         #[arg(long)]
         inventory: PathBuf,
         /// Only this device (default: every device of the inventory).
         #[arg(long)]
         device: Option<String>,
+        /// Print JSON on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Order devices back to their previous model.
+    Rollback {
+        /// The devices: a TOML file (see FLEET.md).
+        #[arg(long)]
+        inventory: PathBuf,
+        /// Only this device (default: every device of the inventory).
+        #[arg(long)]
+        device: Option<String>,
+        /// Signing key for the orders (default: the inventory's `key`).
         #[arg(long)]
         key: Option<PathBuf>,
         /// Why, for the device's log and status.
         #[arg(long, default_value = "operator request")]
         reason: String,
+        /// Print JSON on stdout instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -110,6 +121,7 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -163,7 +175,7 @@ fn keygen(prefix: &Path) -> CommandResult {
 
 fn sign(key_path: &Path, model: &Path, version: u64, out: Option<&Path>) -> CommandResult {
     let key = FleetKey::load(key_path)?;
-    let local = |e| UpdateError::Runtime { device: "local".into(), source: e };
+    let local = |e| UpdateError::Runtime { device: "local".into(), cause: e };
     let mut bundle = Bundle::load(model).map_err(local)?;
     key.sign_bundle(&mut bundle, version, &model.display().to_string())?;
     let out = out.unwrap_or(model);
@@ -202,7 +214,7 @@ fn push(
     let key = signing_key(&inventory, key)?;
     let package = Package::load(model, chunk_kib.saturating_mul(1024))?;
     let bundle = Bundle::from_bytes(&package.bytes, &package.origin)
-        .map_err(|e| UpdateError::Runtime { device: "local".into(), source: e })?;
+        .map_err(|e| UpdateError::Runtime { device: "local".into(), cause: e })?;
     if bundle.signature.is_none() {
         return Err(UpdateError::Refused {
             device: "local".into(),
@@ -295,7 +307,7 @@ impl ProgressDisplay {
                     state.done,
                     self.total,
                     result.device,
-                    outcome_text(&result.outcome)
+                    outcome_text(&result.device, &result.outcome)
                 ));
             }
             RolloutEvent::Stopped { reason } => line = Some(format!("stopped: {reason}")),
@@ -336,13 +348,19 @@ fn version_text(version: Option<u64>) -> String {
     version.map_or_else(|| "-".to_string(), |v| format!("v{v}"))
 }
 
-fn outcome_text(outcome: &Outcome) -> String {
+fn outcome_text(device: &str, outcome: &Outcome) -> String {
     match outcome {
         Outcome::Updated => "updated".into(),
         Outcome::AlreadyCurrent => "already current".into(),
-        Outcome::Failed(reason) => format!("FAILED: {reason}"),
-        Outcome::Skipped(reason) => format!("skipped: {reason}"),
+        Outcome::Failed(reason) => format!("FAILED: {}", without_device(device, reason)),
+        Outcome::Skipped(reason) => format!("skipped: {}", without_device(device, reason)),
     }
+}
+
+/// An error's text without the `DEVICE: ` it starts with, for a table that has a device
+/// column already.
+fn without_device<'a>(device: &str, text: &'a str) -> &'a str {
+    text.strip_prefix(device).and_then(|t| t.strip_prefix(": ")).unwrap_or(text)
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {
@@ -380,7 +398,7 @@ fn print_rollout_table(results: &[DeviceResult]) {
                 version_text(r.old_version),
                 version_text(r.new_version),
                 format!("{:.1} s", r.elapsed_ms as f64 / 1000.0),
-                outcome_text(&r.outcome),
+                outcome_text(&r.device, &r.outcome),
             ]
         })
         .collect();
@@ -567,7 +585,9 @@ fn rollback(
                     r.device.clone(),
                     version_text(r.from_version),
                     version_text(r.to_version),
-                    r.error.as_ref().map_or("rolled back".into(), |e| format!("FAILED: {e}")),
+                    r.error.as_ref().map_or("rolled back".into(), |e| {
+                        format!("FAILED: {}", without_device(&r.device, &e.to_string()))
+                    }),
                 ]
             })
             .collect();

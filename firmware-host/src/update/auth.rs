@@ -49,6 +49,16 @@ impl FleetKey {
 
     /// Reads a secret key file written by [`FleetKey::save`].
     pub fn load(path: &Path) -> Result<FleetKey> {
+        if read_key_kind(path)? == KeyKind::Public {
+            return Err(UpdateError::key(
+                LOCAL,
+                path,
+                format!(
+                    "is a public key; sign with the secret key written beside it ({})",
+                    path.with_extension("key").display()
+                ),
+            ));
+        }
         let seed = read_key_file(path)?;
         #[cfg(unix)]
         {
@@ -70,6 +80,10 @@ impl FleetKey {
     pub fn save(&self, prefix: &Path) -> Result<(PathBuf, PathBuf)> {
         let secret_path = prefix.with_extension("key");
         let public_path = prefix.with_extension("pub");
+        if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)
+                .map_err(|e| UpdateError::io(LOCAL, "creating the key directory", dir, e))?;
+        }
         for path in [&secret_path, &public_path] {
             if path.exists() {
                 return Err(UpdateError::key(
@@ -155,6 +169,27 @@ fn order_message(order_bytes: &[u8]) -> Vec<u8> {
     message
 }
 
+/// What a key file says it holds, by the comment [`FleetKey::save`] writes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Secret,
+    Public,
+    Unknown,
+}
+
+fn read_key_kind(path: &Path) -> Result<KeyKind> {
+    let text =
+        fs::read_to_string(path).map_err(|e| UpdateError::io(LOCAL, "reading key", path, e))?;
+    let header = text.lines().next().unwrap_or_default();
+    Ok(if header.contains("fleet public key") {
+        KeyKind::Public
+    } else if header.contains("fleet signing key") {
+        KeyKind::Secret
+    } else {
+        KeyKind::Unknown
+    })
+}
+
 fn read_key_file(path: &Path) -> Result<[u8; 32]> {
     let text =
         fs::read_to_string(path).map_err(|e| UpdateError::io(LOCAL, "reading key", path, e))?;
@@ -185,6 +220,14 @@ impl TrustStore {
             let path = entry.map_err(|e| UpdateError::io(device, "listing", dir, e))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("pub") {
                 continue;
+            }
+            if read_key_kind(&path).map_err(|e| relabel(e, device))? == KeyKind::Secret {
+                // A secret key here would be a leak, and would trust the wrong key.
+                return Err(UpdateError::key(
+                    device,
+                    &path,
+                    "is a fleet secret (signing) key; put the matching .pub file in the trust store and keep the secret key off the device",
+                ));
             }
             let bytes = read_key_file(&path).map_err(|e| relabel(e, device))?;
             let key = VerifyingKey::from_bytes(&bytes)
@@ -292,9 +335,7 @@ impl TrustStore {
 fn relabel(error: UpdateError, device: &str) -> UpdateError {
     match error {
         UpdateError::Key { path, reason, .. } => UpdateError::key(device, path, reason),
-        UpdateError::Io { action, path, source, .. } => {
-            UpdateError::io(device, action, path, source)
-        }
+        UpdateError::Io { action, path, cause, .. } => UpdateError::io(device, action, path, cause),
         other => other,
     }
 }
@@ -311,6 +352,27 @@ mod tests {
             issued_unix_ms: 1,
             action: Action::Rollback { reason: "test".into() },
         }
+    }
+
+    #[test]
+    fn keys_are_saved_into_a_new_folder_and_swapped_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = FleetKey::from_seed([3; 32]);
+        let (secret, public) = key.save(&dir.path().join("keys/ops")).expect("save");
+        assert_eq!(FleetKey::load(&secret).expect("load").public_key(), key.public_key());
+
+        // The public key given where the secret one belongs.
+        let err = FleetKey::load(&public).unwrap_err().to_string();
+        assert!(err.contains("is a public key") && err.contains("ops.key"), "{err}");
+
+        // The secret key copied into a trust store under a .pub name.
+        let trust = dir.path().join("trust");
+        fs::create_dir_all(&trust).expect("mkdir");
+        fs::copy(&secret, trust.join("ops.pub")).expect("copy");
+        let err = TrustStore::load(&trust, "cam-1").unwrap_err().to_string();
+        assert!(err.contains("secret (signing) key"), "{err}");
+        fs::copy(&public, trust.join("ops.pub")).expect("copy");
+        assert!(TrustStore::load(&trust, "cam-1").is_ok());
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl DeviceClient {
             device: device.to_string(),
             address: address.to_string(),
             action,
-            source,
+            cause: source,
         };
         let mut last_error =
             std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolves to nothing");
@@ -90,7 +90,7 @@ impl DeviceClient {
             device: self.device.clone(),
             address: self.address.clone(),
             action,
-            source,
+            cause: source,
         }
     }
 

@@ -16,12 +16,12 @@ pub const LOCAL: &str = "local";
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     /// A file or directory could not be read or written.
-    #[error("{device}: {action} {path}: {source}")]
-    Io { device: String, action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{device}: {action} {path}: {cause}")]
+    Io { device: String, action: &'static str, path: PathBuf, cause: std::io::Error },
 
     /// A connection to a device failed, timed out or was cut.
-    #[error("{device} ({address}): {action}: {source}")]
-    Network { device: String, address: String, action: &'static str, source: std::io::Error },
+    #[error("{device} ({address}): {action}: {cause}")]
+    Network { device: String, address: String, action: &'static str, cause: std::io::Error },
 
     /// A frame that breaks the protocol: too long, undecodable, or the wrong answer.
     #[error("{device}: protocol: {reason}")]
@@ -44,8 +44,8 @@ pub enum UpdateError {
     Inventory { path: PathBuf, reason: String },
 
     /// A bundle or network error from the runtime library (its message names the file).
-    #[error("{device}: {source}")]
-    Runtime { device: String, source: selfclass_runtime::Error },
+    #[error("{device}: {cause}")]
+    Runtime { device: String, cause: selfclass_runtime::Error },
 
     /// The running agent could not use a model, or a probation failed.
     #[error("{device}: {what}: {reason}")]
@@ -59,7 +59,7 @@ impl UpdateError {
         path: impl Into<PathBuf>,
         source: std::io::Error,
     ) -> Self {
-        UpdateError::Io { device: device.to_string(), action, path: path.into(), source }
+        UpdateError::Io { device: device.to_string(), action, path: path.into(), cause: source }
     }
 
     pub(crate) fn refused(
@@ -83,7 +83,7 @@ impl UpdateError {
     }
 
     pub(crate) fn runtime(device: &str, source: selfclass_runtime::Error) -> Self {
-        UpdateError::Runtime { device: device.to_string(), source }
+        UpdateError::Runtime { device: device.to_string(), cause: source }
     }
 
     pub(crate) fn model(device: &str, what: impl Into<String>, reason: impl Into<String>) -> Self {

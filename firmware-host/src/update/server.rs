@@ -71,6 +71,13 @@ impl UpdateServer {
     pub fn spawn(config: UpdateConfig, host: Arc<dyn ModelHost>) -> Result<UpdateServer> {
         let device = config.device_name.clone();
         let trust = TrustStore::load(&config.trust_dir, &device)?;
+        // The port first: a listener that cannot start changes nothing on the device.
+        let listener = TcpListener::bind(config.listen).map_err(|e| UpdateError::Network {
+            device: device.clone(),
+            address: config.listen.to_string(),
+            action: "listening for updates (is another agent on this port?)",
+            cause: e,
+        })?;
         let (store, notes) = Store::open(&device, &config.state_dir, config.seed_model.as_deref())?;
         for note in notes {
             warn!(device = %device, "update state: {note}");
@@ -93,18 +100,11 @@ impl UpdateServer {
             shared.activate_installed(&mut inner);
         }
 
-        let listener =
-            TcpListener::bind(shared.config.listen).map_err(|e| UpdateError::Network {
-                device: device.clone(),
-                address: shared.config.listen.to_string(),
-                action: "listening for updates",
-                source: e,
-            })?;
         let local_addr = listener.local_addr().map_err(|e| UpdateError::Network {
             device: device.clone(),
             address: shared.config.listen.to_string(),
             action: "reading the listening address",
-            source: e,
+            cause: e,
         })?;
         info!(device = %device, "update listener on {local_addr}, trusting keys in {}", shared.trust.dir().display());
         let accept_shared = Arc::clone(&shared);

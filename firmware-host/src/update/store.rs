@@ -124,7 +124,8 @@ impl Store {
         if store.current.is_none() {
             if let Some(seed) = seed {
                 store.install_seed(seed)?;
-                notes.push(format!("installed the shipped model {}", seed.display()));
+                // The normal first start of a device: not a warning.
+                tracing::info!(device, model = %seed.display(), "update state: installed the shipped model");
             }
         }
         if let Some(current) = store.current {
