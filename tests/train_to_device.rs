@@ -120,5 +120,5 @@ fn a_model_trained_here_runs_and_adapts_on_the_device() {
     assert!(restored.rejected.is_empty(), "{:?}", restored.rejected);
     let heads = restored.heads.expect("adapted heads saved");
     assert!(heads.snapshot.steps > 0);
-    assert!(restored.replay.is_some_and(|r| r.len() > 0));
+    assert!(restored.replay.is_some_and(|r| !r.is_empty()));
 }

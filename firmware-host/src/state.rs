@@ -191,7 +191,7 @@ impl StateDir {
             })
             .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
             .collect();
-        parked.sort_by(|a, b| b.0.cmp(&a.0));
+        parked.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
         for (_, path) in parked.into_iter().skip(MAX_PARKED_HEADS) {
             std::fs::remove_file(&path)
                 .with_context(|| format!("state file {}: cannot remove it", path.display()))?;

@@ -49,9 +49,12 @@ pub fn embed_dataset(
     Tensor::cat(&parts, 0).ctx("embed data set")
 }
 
+/// Per head: the cluster of every row, and the confidence of each.
+pub type HeadPredictions = (Vec<Vec<u32>>, Vec<Vec<f32>>);
+
 /// Arg-max class of every head for embeddings `z`, and per head the confidence of that
 /// choice: its softmax probability at [`CONFIDENCE_TEMPERATURE`], as the device reports it.
-pub fn predict(model: &Model, z: &Tensor) -> Result<(Vec<Vec<u32>>, Vec<Vec<f32>>)> {
+pub fn predict(model: &Model, z: &Tensor) -> Result<HeadPredictions> {
     let logits = model.logits(z)?;
     let clusters = logits
         .iter()
