@@ -267,7 +267,18 @@ fn sums_along<F: NdFloat>(x: &[F], width: usize) -> Vec<F> {
 
 /// `x` (`rows x cols`, any layout) transposed into a row-major `cols x rows` buffer.
 fn transposed<F: NdFloat>(x: &ArrayView2<F>) -> Vec<F> {
-    x.t().iter().copied().collect()
+    let (rows, cols) = x.dim();
+    let mut out = vec![F::zero(); rows * cols];
+    for (r, row) in x.rows().into_iter().enumerate() {
+        // Rows of the logits are contiguous in practice; read them as slices then.
+        match row.as_slice() {
+            Some(values) => {
+                values.iter().enumerate().for_each(|(c, &v)| out[c * rows + r] = v);
+            }
+            None => row.iter().enumerate().for_each(|(c, &v)| out[c * rows + r] = v),
+        }
+    }
+    out
 }
 
 impl<F: NdFloat> ViewTerms<F> {
@@ -448,7 +459,11 @@ fn check_views<F: NdFloat>(views: &[ArrayView2<F>]) -> Result<(usize, usize)> {
                 format!("view {v} has shape {:?}, view 0 has {shape:?}", view.dim()),
             ));
         }
-        if view.iter().any(|x| !x.is_finite()) {
+        let all_finite = view.rows().into_iter().all(|row| match row.as_slice() {
+            Some(values) => values.iter().all(|x| x.is_finite()),
+            None => row.iter().all(|x| x.is_finite()),
+        });
+        if !all_finite {
             return Err(Error::invalid(
                 "uniform-prior loss",
                 format!("view {v} holds a non-finite logit"),
