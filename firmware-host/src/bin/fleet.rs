@@ -414,6 +414,21 @@ fn print_rollout_table(results: &[DeviceResult]) {
     );
 }
 
+/// The rows as JSON (`json`) or as a table with `header`, one line per row.
+fn print_rows<R: Serialize>(
+    rows: &[R],
+    json: bool,
+    header: &[&str],
+    line: impl Fn(&R) -> Vec<String>,
+) {
+    if json {
+        print_json(&rows);
+    } else {
+        let table: Vec<Vec<String>> = rows.iter().map(line).collect();
+        print_table(header, &table);
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(text) => println!("{text}"),
@@ -512,30 +527,27 @@ fn status(inventory_path: &Path, device: Option<&str>, json: bool) -> CommandRes
             .and_then(|mut c| c.status());
         status_row(entry, status)
     });
-    if json {
-        print_json(&rows);
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.device.clone(),
-                    version_text(r.installed_version),
-                    version_text(r.previous_version),
-                    r.version_floor.map_or("-".into(), |v| v.to_string()),
-                    match (r.frames_seen, r.collapse_events) {
-                        (Some(f), Some(c)) => format!("{f} frames, {c} collapses"),
-                        _ => "-".into(),
-                    },
-                    match &r.error {
-                        Some(e) => format!("unreachable: {e}"),
-                        None => r.state.clone(),
-                    },
-                ]
-            })
-            .collect();
-        print_table(&["DEVICE", "INSTALLED", "PREVIOUS", "FLOOR", "HEALTH", "STATE"], &table);
-    }
+    print_rows(
+        &rows,
+        json,
+        &["DEVICE", "INSTALLED", "PREVIOUS", "FLOOR", "HEALTH", "STATE"],
+        |r| {
+            vec![
+                r.device.clone(),
+                version_text(r.installed_version),
+                version_text(r.previous_version),
+                r.version_floor.map_or("-".into(), |v| v.to_string()),
+                match (r.frames_seen, r.collapse_events) {
+                    (Some(f), Some(c)) => format!("{f} frames, {c} collapses"),
+                    _ => "-".into(),
+                },
+                match &r.error {
+                    Some(e) => format!("unreachable: {e}"),
+                    None => r.state.clone(),
+                },
+            ]
+        },
+    );
     Ok(rows.iter().all(|r| r.reachable))
 }
 
@@ -575,23 +587,15 @@ fn rollback(
             },
         }
     });
-    if json {
-        print_json(&rows);
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.device.clone(),
-                    version_text(r.from_version),
-                    version_text(r.to_version),
-                    r.error.as_ref().map_or("rolled back".into(), |e| {
-                        format!("FAILED: {}", without_device(&r.device, &e.to_string()))
-                    }),
-                ]
-            })
-            .collect();
-        print_table(&["DEVICE", "FROM", "TO", "OUTCOME"], &table);
-    }
+    print_rows(&rows, json, &["DEVICE", "FROM", "TO", "OUTCOME"], |r| {
+        vec![
+            r.device.clone(),
+            version_text(r.from_version),
+            version_text(r.to_version),
+            r.error.as_ref().map_or("rolled back".into(), |e| {
+                format!("FAILED: {}", without_device(&r.device, &e.to_string()))
+            }),
+        ]
+    });
     Ok(rows.iter().all(|r| r.error.is_none()))
 }
