@@ -7,13 +7,13 @@ Reads one JSON request per line on standard input and answers one JSON line each
   {"cmd": "versions"} -> {"ok": true, "onnxruntime": ..., "numpy": ...}
 Errors are answered as {"ok": false, "error": TEXT}.
 """
-import json
 import statistics
-import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
+
+from serve import serve
 
 sessions = {}
 shape = None
@@ -49,22 +49,11 @@ def time_runs(req):
 
 
 def main():
-    for line in sys.stdin:
-        try:
-            req = json.loads(line)
-            cmd = req["cmd"]
-            if cmd == "load":
-                out = load(req)
-            elif cmd == "time":
-                out = time_runs(req)
-            elif cmd == "versions":
-                out = {"onnxruntime": ort.__version__, "numpy": np.__version__}
-            else:
-                raise ValueError(f"unknown command {cmd}")
-            out["ok"] = True
-        except Exception as e:  # answered to the suite, which reports it
-            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(out), flush=True)
+    serve({
+        "load": load,
+        "time": time_runs,
+        "versions": lambda _req: {"onnxruntime": ort.__version__, "numpy": np.__version__},
+    })
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ Reads one JSON request per line on standard input and answers one JSON line each
       -> {"ok": true, "median_s": ..., "loss": ...}
   {"cmd": "versions"} -> {"ok": true, "torch": ...}
 """
-import json
 import math
 import statistics
-import sys
 import time
 
 import torch
+
+from serve import serve
 
 ROW_T, COL_T, LR = 0.1, 0.05, 0.01
 
@@ -67,20 +67,13 @@ def time_steps(req):
 
 
 def main():
-    for line in sys.stdin:
-        try:
-            req = json.loads(line)
-            cmd = req["cmd"]
-            if cmd == "time":
-                out = time_steps(req)
-            elif cmd == "versions":
-                out = {"torch": torch.__version__, "threads_default": torch.get_num_threads()}
-            else:
-                raise ValueError(f"unknown command {cmd}")
-            out["ok"] = True
-        except Exception as e:  # answered to the suite, which reports it
-            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(out), flush=True)
+    serve({
+        "time": time_steps,
+        "versions": lambda _req: {
+            "torch": torch.__version__,
+            "threads_default": torch.get_num_threads(),
+        },
+    })
 
 
 if __name__ == "__main__":

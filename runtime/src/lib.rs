@@ -22,6 +22,7 @@ pub mod head;
 pub mod idx;
 pub mod loss;
 pub mod metrics;
+pub mod onnx;
 pub mod preprocess;
 pub mod replay;
 #[doc(hidden)]

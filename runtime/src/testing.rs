@@ -5,10 +5,10 @@ use crate::head::Head;
 use ndarray::{Array1, Array2};
 use prost::Message;
 use tract_onnx::pb::{
-    tensor_proto::DataType, tensor_shape_proto::dimension::Value as DimValue,
-    tensor_shape_proto::Dimension, type_proto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
+
+use crate::onnx::float_value_info;
 
 /// A tiny embedding network as ONNX bytes: a 1x4x4 image (symbolic batch `N`) flattened
 /// and multiplied by a fixed 16x8 matrix, giving 8-dimensional embeddings. It loads in
@@ -33,8 +33,8 @@ pub fn tiny_onnx(op: &str) -> Vec<u8> {
             float_data: weights,
             ..Default::default()
         }],
-        input: vec![value_info("image", &[None, Some(1), Some(4), Some(4)])],
-        output: vec![value_info("embedding", &[None, Some(8)])],
+        input: vec![float_value_info("image", &[None, Some(1), Some(4), Some(4)])],
+        output: vec![float_value_info("embedding", &[None, Some(8)])],
         ..Default::default()
     };
     ModelProto {
@@ -44,31 +44,6 @@ pub fn tiny_onnx(op: &str) -> Vec<u8> {
         ..Default::default()
     }
     .encode_to_vec()
-}
-
-/// A named float tensor of the given dims (`None` for the symbolic batch).
-fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| Dimension {
-            value: Some(match d {
-                Some(v) => DimValue::DimValue(*v),
-                None => DimValue::DimParam("N".into()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// An unsigned bundle of [`tiny_onnx`] with one head of three classes and `anchor_rows`

@@ -14,10 +14,10 @@ use selfclass_runtime::backbone::Backbone as TractBackbone;
 use selfclass_runtime::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
 use selfclass_runtime::discover::{predict_with_confidence, CONFIDENCE_TEMPERATURE};
 use selfclass_runtime::head::Head;
+use selfclass_runtime::onnx::float_value_info;
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto,
+    NodeProto, OperatorSetIdProto, TensorProto,
 };
 
 use crate::augment::make_batch;
@@ -167,30 +167,6 @@ impl GraphBuilder {
     }
 }
 
-fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension {
-            value: Some(match d {
-                Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v as i64),
-                None => tensor_shape_proto::dimension::Value::DimParam("N".into()),
-            }),
-            ..Default::default()
-        })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// The model's embedding network (inference mode) as an f32 ONNX graph for inputs of
 /// `(channels, height, width)`.
 pub fn onnx_model(model: &Model, (c, h, w): (usize, usize, usize)) -> Result<ModelProto> {
@@ -233,8 +209,8 @@ pub fn onnx_model(model: &Model, (c, h, w): (usize, usize, usize)) -> Result<Mod
         name: "selfclass_embedding".into(),
         node: g.nodes,
         initializer: g.initializers,
-        input: vec![value_info("image", &[None, Some(c), Some(h), Some(w)])],
-        output: vec![value_info("embedding", &[None, Some(model.config.dim)])],
+        input: vec![float_value_info("image", &[None, Some(c), Some(h), Some(w)])],
+        output: vec![float_value_info("embedding", &[None, Some(model.config.dim)])],
         ..Default::default()
     };
     Ok(ModelProto {
