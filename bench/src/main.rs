@@ -71,7 +71,8 @@ struct Args {
     /// Run only these comparisons (comma separated).
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Bench>,
-    /// Where to write the report (default: BENCHMARKS.md at the workspace root).
+    /// Where to write the report (default: BENCHMARKS.md at the workspace root, charts in
+    /// bench/plots); elsewhere the charts go to a folder `NAME-plots` beside it.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where the peers' PyTorch comes from.
@@ -169,7 +170,15 @@ fn run(args: Args) -> Result<usize> {
     let root = workspace_root();
     let bench_dir = root.join("bench");
     let work = bench_dir.join("work");
-    let plots = bench_dir.join("plots");
+    // The committed charts belong to BENCHMARKS.md; a report written elsewhere (--out) gets
+    // its own folder beside it, so a trial run leaves them alone.
+    let plots = match &args.out {
+        None => bench_dir.join("plots"),
+        Some(out) => {
+            let stem = out.file_stem().map_or("report".into(), |s| s.to_string_lossy());
+            out.with_file_name(format!("{stem}-plots"))
+        }
+    };
     for dir in [&work, &plots] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
