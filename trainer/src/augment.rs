@@ -110,7 +110,7 @@ pub fn normalise(pixels: &[u8], channels: usize, mean: &[f32], std: &[f32], out:
 }
 
 /// Draws one view of `image` (`C x H x W` bytes) into `out` (`C x size x size`).
-fn draw_view(
+pub(crate) fn draw_view(
     image: &[u8],
     (channels, height, width): (usize, usize, usize),
     size: usize,

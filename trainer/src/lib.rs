@@ -4,7 +4,8 @@
 //! The pieces, in the order a run uses them: [`data`] reads IDX files and image folders,
 //! [`augment`] draws random views on a background thread, [`model`] is the network (with
 //! the fast CPU layers of [`kernels`]), [`train`] runs the loop with the runtime's loss and
-//! [`optim`]'s update rules, [`eval`] scores clusters and embeddings, and [`export`] writes
+//! [`optim`]'s update rules, [`refit`] fits the heads again on the
+//! frozen backbone from several starts and keeps the best, [`eval`] scores clusters and embeddings, and [`export`] writes
 //! the ONNX network and the `.scb` bundle.
 
 pub mod augment;
@@ -15,6 +16,7 @@ pub mod export;
 pub mod kernels;
 pub mod model;
 pub mod optim;
+pub mod refit;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -9,9 +9,11 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use selfclass_trainer::augment::AugmentConfig;
 use selfclass_trainer::data::{Dataset, Split};
+use selfclass_trainer::model::Model;
 use selfclass_trainer::model::{BackboneConfig, ModelConfig};
 use selfclass_trainer::optim::OptimizerKind;
-use selfclass_trainer::train::{self, RunInputs, TrainConfig};
+use selfclass_trainer::refit::{self, RefitConfig};
+use selfclass_trainer::train::{self, CheckpointState, RunInputs, TrainConfig};
 use selfclass_trainer::{eval, export};
 
 #[derive(Parser)]
@@ -40,6 +42,61 @@ enum Command {
     Predict(PredictArgs),
     /// Write a `.scb` bundle (and optionally the ONNX network) from a checkpoint.
     Export(ExportArgs),
+    /// Fit the heads of a finished run again on its frozen backbone from several starts,
+    /// keep the lowest-loss one per head, rewrite the checkpoint and the bundle.
+    Refit(RefitArgs),
+}
+
+/// The head refit that ends a run (see `selfclass_trainer::refit`).
+#[derive(Args)]
+struct RefitFlags {
+    /// Random starts per head in the final head refit (0: keep the heads as trained).
+    #[arg(long, default_value_t = RefitConfig::default().restarts)]
+    refit_restarts: usize,
+    /// Passes over the training images per refit start.
+    #[arg(long, default_value_t = RefitConfig::default().epochs)]
+    refit_epochs: usize,
+    /// Augmented views embedded per training image for the refit.
+    #[arg(long, default_value_t = RefitConfig::default().views)]
+    refit_views: usize,
+    /// Peak Adam step size of the refit.
+    #[arg(long, default_value_t = RefitConfig::default().lr)]
+    refit_lr: f64,
+}
+
+impl RefitFlags {
+    fn config(&self) -> RefitConfig {
+        RefitConfig {
+            restarts: self.refit_restarts,
+            epochs: self.refit_epochs,
+            views: self.refit_views,
+            lr: self.refit_lr,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RefitArgs {
+    /// Checkpoint directory of a finished run.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The run's training data (IDX file, directory of IDX files, or image folder).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out data to score the refitted heads on (default: the test split of --data).
+    #[arg(long)]
+    test_data: Option<PathBuf>,
+    #[command(flatten)]
+    refit: RefitFlags,
+    /// Where to write the bundle (default: CHECKPOINT/model.scb).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Embedding pairs stored in the bundle for on-device replay.
+    #[arg(long, default_value_t = 3000)]
+    anchors: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,6 +215,8 @@ struct TrainArgs {
     knn_bank: usize,
     #[arg(long, default_value_t = 20)]
     knn_k: usize,
+    #[command(flatten)]
+    refit: RefitFlags,
     /// Embedding pairs stored in the bundle for on-device replay.
     #[arg(long, default_value_t = 3000)]
     anchors: usize,
@@ -259,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => eval_command(args, &device),
         Command::Predict(args) => predict_command(args, &device),
         Command::Export(args) => export_command(args, &device),
+        Command::Refit(args) => refit_command(args, &device),
     }
 }
 
@@ -367,6 +427,7 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
         progress: !args.quiet,
         command_line: command_line.clone(),
     };
+    args.refit.config().validate()?;
     let output = train::run(config, inputs, device)?;
     if output.state.epochs_done < output.state.config.epochs {
         tracing::info!(
@@ -376,9 +437,20 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
         return Ok(());
     }
     let bundle_path = args.bundle.unwrap_or_else(|| args.out.join("model.scb"));
-    let mut model = output.model;
-    let bundle =
-        export::build_bundle(&mut model, &output.state, &train_set, args.anchors, &command_line)?;
+    let (mut model, mut state) = (output.model, output.state);
+    let refit = args.refit.config();
+    if refit.restarts > 0 && state.refit.is_none() {
+        refit_and_report(
+            &mut model,
+            &mut state,
+            &train_set,
+            test_set.as_ref(),
+            &refit,
+            &args.out,
+            !args.quiet,
+        )?;
+    }
+    let bundle = export::build_bundle(&mut model, &state, &train_set, args.anchors, &command_line)?;
     bundle.save(&bundle_path)?;
     tracing::info!(path = %bundle_path.display(), "bundle written");
     Ok(())
@@ -472,6 +544,92 @@ fn predict_command(args: PredictArgs, device: &Device) -> Result<()> {
     }
     out.flush().with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(images = data.len(), path = %args.out.display(), "predictions written");
+    Ok(())
+}
+
+/// Refits the heads, records it in the checkpoint in `dir` and prints one JSON line: the
+/// refit's record and, when `test` has labels, the scores of the refitted heads on it.
+fn refit_and_report(
+    model: &mut Model,
+    state: &mut CheckpointState,
+    train_set: &Dataset,
+    test: Option<&Dataset>,
+    refit: &RefitConfig,
+    dir: &Path,
+    progress: bool,
+) -> Result<()> {
+    // The backbone stays frozen, so the held-out embeddings serve before and after.
+    let test = match test.and_then(|t| Some((t.labels.clone()?, t))) {
+        Some((labels, test)) => {
+            let z = eval::embed_dataset(model, test, &state.mean, &state.std)?;
+            let (n, dim) = z.dims2()?;
+            let rows = ndarray::Array2::from_shape_vec((n, dim), z.flatten_all()?.to_vec1()?)?;
+            Some((z, refit::HeldOut { z: rows, labels }))
+        }
+        None => None,
+    };
+    let held_out = test.as_ref().map(|(_, h)| h);
+    let record = refit::refit_heads(model, state, train_set, refit, held_out, progress)?;
+    state.refit = Some(record.clone());
+    train::update_checkpoint(dir, model, state)?;
+    let mut line = serde_json::json!({ "refit": record });
+    if let Some((z, held_out)) = &test {
+        let (clusters, _) = eval::predict(model, z)?;
+        let labels = &held_out.labels;
+        let head = eval::default_head(model, Some(labels));
+        line["test"] = serde_json::to_value(eval::score_head(model, &clusters, labels, head)?)?;
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn refit_command(args: RefitArgs, device: &Device) -> Result<()> {
+    let refit = args.refit.config();
+    refit.validate()?;
+    if refit.restarts == 0 {
+        bail!("--refit-restarts 0 would leave the heads as they are; give at least 1");
+    }
+    let (mut model, mut state) = train::load_model(&args.checkpoint, device)?;
+    if state.epochs_done < state.config.epochs {
+        bail!(
+            "the run in {} has done {} of its {} epochs; finish it with `sc-train train --resume` first",
+            args.checkpoint.display(),
+            state.epochs_done,
+            state.config.epochs
+        );
+    }
+    let train_set = Dataset::load(&args.data, Split::Train)?;
+    if (train_set.channels, train_set.height, train_set.width) != state.input_chw {
+        bail!(
+            "{} holds {}x{}x{} images, the run was trained on {:?}",
+            args.data.display(),
+            train_set.channels,
+            train_set.height,
+            train_set.width,
+            state.input_chw
+        );
+    }
+    let test_path = args.test_data.clone().unwrap_or_else(|| args.data.clone());
+    let test_set = Dataset::load(&test_path, Split::Test).ok();
+    refit_and_report(
+        &mut model,
+        &mut state,
+        &train_set,
+        test_set.as_ref(),
+        &refit,
+        &args.checkpoint,
+        !args.quiet,
+    )?;
+    let bundle_path = args.bundle.unwrap_or_else(|| args.checkpoint.join("model.scb"));
+    // The bundle records both steps that made it.
+    let command_line = format!(
+        "{}; {}",
+        recorded_command_line(&state.command_line),
+        recorded_command_line(&std::env::args().collect::<Vec<_>>().join(" "))
+    );
+    let bundle = export::build_bundle(&mut model, &state, &train_set, args.anchors, &command_line)?;
+    bundle.save(&bundle_path)?;
+    tracing::info!(path = %bundle_path.display(), "bundle written");
     Ok(())
 }
 

@@ -173,6 +173,9 @@ pub struct CheckpointState {
     pub train_images: usize,
     /// The command line that started the run.
     pub command_line: String,
+    /// The head refit done after the last epoch, once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refit: Option<crate::refit::RefitRecord>,
 }
 
 /// A ring of past embeddings for the nearest-neighbour positive.
@@ -283,8 +286,17 @@ fn save_checkpoint(
             .ctx("checkpoint")?;
         tensors.insert("queue".into(), q);
     }
-    let tensor_path = out_dir.join(CHECKPOINT_TENSORS);
-    let tmp = out_dir.join("checkpoint.safetensors.tmp");
+    write_checkpoint(out_dir, tensors, state)
+}
+
+/// Writes tensors, then the JSON state that makes them a valid checkpoint.
+fn write_checkpoint(
+    dir: &Path,
+    tensors: BTreeMap<String, Tensor>,
+    state: &CheckpointState,
+) -> Result<()> {
+    let tensor_path = dir.join(CHECKPOINT_TENSORS);
+    let tmp = dir.join("checkpoint.safetensors.tmp");
     let on_cpu: std::collections::HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| v.to_device(&Device::Cpu).map(|v| (k, v)))
@@ -294,7 +306,15 @@ fn save_checkpoint(
     std::fs::rename(&tmp, &tensor_path).map_err(|e| Error::io("renaming", &tensor_path, e))?;
     let json = serde_json::to_vec_pretty(state)
         .map_err(|e| Error::config(format!("checkpoint state: {e}")))?;
-    write_atomically(&out_dir.join(CHECKPOINT_STATE), &json)
+    write_atomically(&dir.join(CHECKPOINT_STATE), &json)
+}
+
+/// Rewrites the checkpoint in `dir` with `model`'s current weights and `state`, keeping
+/// the optimiser's moments and the queue it holds (used after the head refit).
+pub fn update_checkpoint(dir: &Path, model: &mut Model, state: &CheckpointState) -> Result<()> {
+    let mut tensors = read_checkpoint_tensors(dir, &Device::Cpu)?;
+    tensors.extend(model.state()?);
+    write_checkpoint(dir, tensors, state)
 }
 
 /// Reads a checkpoint's JSON state.
@@ -450,6 +470,7 @@ pub fn run(config: TrainConfig, inputs: RunInputs, device: &Device) -> Result<Ru
         dataset: data.origin.display().to_string(),
         train_images: data.len(),
         command_line: inputs.command_line.clone(),
+        refit: None,
     };
 
     if inputs.resume {

@@ -74,10 +74,12 @@ fn train_eval_predict_and_resume() {
     let out = train(&straight, &["--epochs", "2"]);
     assert!(out.status.success(), "train failed: {}", stderr(&out));
 
-    // One JSON line per epoch with the documented fields.
-    let lines: Vec<serde_json::Value> =
+    // One JSON line per epoch with the documented fields, then the head refit's.
+    let mut lines: Vec<serde_json::Value> =
         stdout(&out).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
+    let refit = lines.pop().expect("refit line");
+    check_refit_line(&refit, 16);
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["epoch"], i + 1);
         assert!(line["loss"].as_f64().is_some_and(f64::is_finite));
@@ -163,6 +165,94 @@ fn train_eval_predict_and_resume() {
     let out = train(&resumed, &["--epochs", "3", "--resume"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("epochs: 2 -> 3"), "{}", stderr(&out));
+}
+
+/// The refit's JSON line: every head has the trained candidate and `restarts` random
+/// ones, the kept one has the lowest loss, and the held-out scores are reported.
+fn check_refit_line(line: &serde_json::Value, restarts: usize) {
+    let heads = line["refit"]["heads"].as_array().expect("refit heads");
+    assert_eq!(heads.len(), 2, "{line}");
+    for head in heads {
+        let losses: Vec<f64> = head["losses"]
+            .as_array()
+            .expect("losses")
+            .iter()
+            .map(|l| l.as_f64().expect("a loss"))
+            .collect();
+        assert_eq!(losses.len(), restarts + 1, "{line}");
+        let chosen = head["chosen"].as_u64().expect("chosen") as usize;
+        assert!(losses.iter().all(|l| losses[chosen] <= *l), "{line}");
+        assert_eq!(head["held_out"]["acc"].as_array().map(Vec::len), Some(restarts + 1));
+    }
+    assert_eq!(line["test"]["n"], 1000, "{line}");
+    assert!(line["test"]["acc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)));
+}
+
+#[test]
+fn refit_a_finished_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let data = sample();
+    let data = data.to_str().expect("utf-8");
+    let run_arg = run.to_str().expect("utf-8");
+
+    // Not before the run is finished.
+    let out = train(&run, &["--epochs", "2", "--stop-after", "1", "--refit-restarts", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sc_train(&["refit", "--checkpoint", run_arg, "--data", data, "--quiet"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("1 of its 2 epochs") && stderr(&out).contains("--resume"));
+
+    // A finished run without refit: one line per epoch, no refit recorded.
+    let out = train(&run, &["--epochs", "2", "--resume", "--refit-restarts", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 1);
+    let state = std::fs::read_to_string(run.join("checkpoint.json")).expect("state");
+    assert!(!state.contains("\"refit\""));
+
+    // Bad settings are refused by name.
+    let out = sc_train(&["refit", "--checkpoint", run_arg, "--data", data, "--refit-views", "1"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("two views"), "{}", stderr(&out));
+
+    // The refit rewrites checkpoint and bundle and records itself.
+    let before = std::fs::read(run.join("model.scb")).expect("bundle");
+    let out = sc_train(&[
+        "refit",
+        "--checkpoint",
+        run_arg,
+        "--data",
+        data,
+        "--refit-restarts",
+        "3",
+        "--refit-epochs",
+        "2",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "refit failed: {}", stderr(&out));
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+    check_refit_line(&line, 3);
+    let state = std::fs::read_to_string(run.join("checkpoint.json")).expect("state");
+    assert!(state.contains("\"refit\""));
+    assert_ne!(std::fs::read(run.join("model.scb")).expect("bundle"), before);
+
+    // The refitted checkpoint and its bundle score alike.
+    let eval = |model: &Path| {
+        let out = sc_train(&[
+            "eval",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--data",
+            data,
+            "--json",
+        ]);
+        assert!(out.status.success(), "eval failed: {}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("eval json");
+        v["acc"].as_f64().expect("acc")
+    };
+    let (a, b) = (eval(&run), eval(&run.join("model.scb")));
+    assert!((a - b).abs() < 0.02, "checkpoint {a} vs bundle {b}");
+    assert!((a - line["test"]["acc"].as_f64().expect("acc")).abs() < 1e-9);
 }
 
 #[test]
