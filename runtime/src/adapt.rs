@@ -45,12 +45,12 @@
 //! ```
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array1, Array2, ArrayView2, Axis, NdFloat};
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, NdFloat};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::head::{argmax, Head};
-use crate::loss::{multi_head_loss, LossParams};
+use crate::loss::{class_major_loss, LossParams, LossWork};
 use crate::replay::ReplayBuffer;
 use crate::{Error, Result};
 
@@ -220,6 +220,135 @@ pub fn objective<F: NdFloat>(
     batch: &Batch<F>,
     weights: &ObjectiveWeights,
 ) -> Result<(ObjectiveParts, Vec<ParamGrads<F>>)> {
+    objective_with(&mut ObjectiveWork::default(), heads, shipped, batch, weights)
+}
+
+/// Buffers of the objective's uniform-prior part, kept across steps by the [`Adapter`], so
+/// that a step allocates none of its large temporaries once they have grown to its shapes.
+#[derive(Debug, Clone)]
+struct ObjectiveWork<F> {
+    /// The heads' effective weights stacked into one `sum(C) x D` matrix.
+    stacked: Array2<F>,
+    /// d objective / d `stacked`.
+    d_stacked: Array2<F>,
+    /// Per view: every head's logits, class by class (`sum(C) x N` row-major), and
+    /// d loss / d those logits in the same layout.
+    logits: [Vec<F>; 2],
+    d_logits: [Vec<F>; 2],
+    /// One per head, so that each keeps its shapes from step to step.
+    loss: Vec<LossWork<F>>,
+}
+
+// Written out: deriving `Default` would ask it of `F`.
+impl<F: NdFloat> Default for ObjectiveWork<F> {
+    fn default() -> Self {
+        ObjectiveWork {
+            stacked: Array2::zeros((0, 0)),
+            d_stacked: Array2::zeros((0, 0)),
+            logits: [Vec::new(), Vec::new()],
+            d_logits: [Vec::new(), Vec::new()],
+            loss: Vec::new(),
+        }
+    }
+}
+
+impl<F: NdFloat> ObjectiveWork<F> {
+    /// Stacks the heads' effective weights and clears their gradient; returns where each
+    /// head's rows start.
+    fn stack(&mut self, heads: &[Head<F>]) -> Result<Vec<usize>> {
+        let dim = heads[0].dim();
+        if let Some(h) = heads.iter().find(|h| h.dim() != dim) {
+            return Err(Error::invalid(
+                "adaptation objective",
+                format!("heads of dimensions {dim} and {}", h.dim()),
+            ));
+        }
+        let total: usize = heads.iter().map(Head::classes).sum();
+        if self.stacked.dim() != (total, dim) {
+            self.stacked = Array2::zeros((total, dim));
+            self.d_stacked = Array2::zeros((total, dim));
+        }
+        let mut offsets = Vec::with_capacity(heads.len());
+        let mut at = 0;
+        for head in heads {
+            head.write_weights(self.stacked.slice_mut(s![at..at + head.classes(), ..]));
+            offsets.push(at);
+            at += head.classes();
+        }
+        self.d_stacked.fill(F::zero());
+        Ok(offsets)
+    }
+
+    /// The uniform-prior loss of a batch of pairs, averaged over heads, times `weight`; its
+    /// gradient with respect to the stacked weights (times `weight`) is added to
+    /// `d_stacked`. Each view's logits for every head come from one matrix product,
+    /// `stacked z^T`, already class by class, and the gradient from one more,
+    /// `d_logits z`; no gradient with respect to the frozen embeddings is formed.
+    fn pair_loss(
+        &mut self,
+        heads: &[Head<F>],
+        offsets: &[usize],
+        views: &(Array2<F>, Array2<F>),
+        weight: F,
+        params: &LossParams,
+    ) -> Result<F> {
+        let (total, dim) = self.stacked.dim();
+        let batch = views.0.nrows();
+        if views.0.dim() != (batch, dim) || views.1.dim() != (batch, dim) || batch == 0 {
+            return Err(Error::invalid(
+                "adaptation objective",
+                format!(
+                    "views of shapes {:?} and {:?} for heads of dimension {dim}",
+                    views.0.dim(),
+                    views.1.dim()
+                ),
+            ));
+        }
+        for (z, logits) in [&views.0, &views.1].into_iter().zip(&mut self.logits) {
+            logits.resize(total * batch, F::zero());
+            let mut out = ArrayViewMut2::from_shape((total, batch), logits.as_mut_slice())
+                .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
+            general_mat_mul(F::one(), &self.stacked, &z.t(), F::zero(), &mut out);
+        }
+        for d in &mut self.d_logits {
+            d.resize(total * batch, F::zero());
+        }
+
+        let head_weight = F::one() / F::from(heads.len()).unwrap_or_else(F::one);
+        let mut loss = F::zero();
+        self.loss.resize_with(heads.len(), LossWork::default);
+        for ((head, &at), work) in heads.iter().zip(offsets).zip(&mut self.loss) {
+            let rows = at * batch..(at + head.classes()) * batch;
+            let [l0, l1] = &self.logits;
+            let [d0, d1] = &mut self.d_logits;
+            let head_loss = class_major_loss(
+                &[&l0[rows.clone()], &l1[rows.clone()]],
+                (head.classes(), batch),
+                params,
+                head_weight,
+                work,
+                &mut [&mut d0[rows.clone()], &mut d1[rows]],
+            )?;
+            loss += head_loss * head_weight;
+        }
+
+        for (z, d_logits) in [&views.0, &views.1].into_iter().zip(&self.d_logits) {
+            let d = ArrayView2::from_shape((total, batch), d_logits.as_slice())
+                .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
+            general_mat_mul(weight, &d, z, F::one(), &mut self.d_stacked);
+        }
+        Ok(loss * weight)
+    }
+}
+
+/// [`objective`] with its buffers kept in `work` from call to call.
+fn objective_with<F: NdFloat>(
+    work: &mut ObjectiveWork<F>,
+    heads: &[Head<F>],
+    shipped: &[Head<F>],
+    batch: &Batch<F>,
+    weights: &ObjectiveWeights,
+) -> Result<(ObjectiveParts, Vec<ParamGrads<F>>)> {
     if heads.is_empty() || heads.len() != shipped.len() {
         return Err(Error::invalid(
             "adaptation objective",
@@ -227,62 +356,29 @@ pub fn objective<F: NdFloat>(
         ));
     }
     let f = |x: f64| F::from(x).unwrap_or_else(F::zero);
+    let real = |x: F| x.to_f64().unwrap_or(f64::NAN);
     let head_weight = 1.0 / heads.len() as f64;
-    let mut grads: Vec<ParamGrads<F>> = heads
-        .iter()
-        .map(|h| ParamGrads { v: Array2::zeros(h.v.raw_dim()), g: Array1::zeros(h.g.raw_dim()) })
-        .collect();
     let mut parts = ObjectiveParts::default();
 
-    // 1 and 2: the uniform-prior loss, stream and anchors scored apart. The heads'
-    // effective weights are stacked once into one `sum(C) x D` matrix, so each view's logits
-    // for every head come from one matrix product, and the gradient with respect to the
-    // stacked weights accumulates over views (and over stream and anchors) in one buffer,
-    // by one product per view; no gradient with respect to the frozen embeddings is formed.
-    let offsets: Vec<usize> = heads
-        .iter()
-        .scan(0, |at, h| {
-            let start = *at;
-            *at += h.classes();
-            Some(start)
-        })
-        .collect();
-    let total_classes: usize = heads.iter().map(Head::classes).sum();
-    let dim = heads[0].dim();
-    let mut stacked = Array2::<F>::zeros((total_classes, dim));
-    for (head, &at) in heads.iter().zip(&offsets) {
-        stacked.slice_mut(s![at..at + head.classes(), ..]).assign(&head.weights());
-    }
-    let mut d_stacked = Array2::<F>::zeros((total_classes, dim));
-    let mut pair_loss = |views: &(Array2<F>, Array2<F>), weight: f64| -> Result<f64> {
-        let logits = [views.0.dot(&stacked.t()), views.1.dot(&stacked.t())];
-        let per_head: Vec<Vec<ArrayView2<F>>> = heads
-            .iter()
-            .zip(&offsets)
-            .map(|(h, &at)| logits.iter().map(|l| l.slice(s![.., at..at + h.classes()])).collect())
-            .collect();
-        let (loss, d_logits) = multi_head_loss(&per_head, &weights.loss)?;
-        for (v, z) in [&views.0, &views.1].into_iter().enumerate() {
-            let mut d_view = Array2::<F>::zeros((z.nrows(), total_classes));
-            for ((head, &at), d) in heads.iter().zip(&offsets).zip(&d_logits) {
-                d_view.slice_mut(s![.., at..at + head.classes()]).assign(&d[v]);
-            }
-            general_mat_mul(f(weight), &d_view.t(), z, F::one(), &mut d_stacked);
-        }
-        Ok(loss.to_f64().unwrap_or(f64::NAN) * weight)
-    };
-    parts.stream = pair_loss(&batch.stream, 1.0)?;
+    // 1 and 2: the uniform-prior loss, stream and anchors scored apart; the gradient with
+    // respect to the stacked weights accumulates over both.
+    let offsets = work.stack(heads)?;
+    parts.stream = real(work.pair_loss(heads, &offsets, &batch.stream, F::one(), &weights.loss)?);
     if let Some(anchors) = &batch.anchors {
         if weights.anchor_weight > 0.0 {
-            parts.anchor = pair_loss(anchors, weights.anchor_weight)?;
+            let weight = f(weights.anchor_weight);
+            parts.anchor = real(work.pair_loss(heads, &offsets, anchors, weight, &weights.loss)?);
         }
     }
-    for ((head, &at), grad) in heads.iter().zip(&offsets).zip(&mut grads) {
-        let d_w = d_stacked.slice(s![at..at + head.classes(), ..]).to_owned();
-        let (dv, dg) = head.weight_grad_to_params(d_w);
-        grad.v += &dv;
-        grad.g += &dg;
-    }
+    let mut grads: Vec<ParamGrads<F>> = heads
+        .iter()
+        .zip(&offsets)
+        .map(|(head, &at)| {
+            let d_w = work.d_stacked.slice(s![at..at + head.classes(), ..]).to_owned();
+            let (v, g) = head.weight_grad_to_params(d_w);
+            ParamGrads { v, g }
+        })
+        .collect();
 
     // 3: pull toward the shipped effective weights.
     if weights.pull > 0.0 {
@@ -332,6 +428,12 @@ fn log_softmax_rows<F: NdFloat>(x: &Array2<F>) -> Array2<F> {
 
 fn softmax_rows<F: NdFloat>(x: &Array2<F>) -> Array2<F> {
     log_softmax_rows(x).mapv(F::exp)
+}
+
+/// Whether every element of `xs` is finite; reads them all, without stopping early, so
+/// the check vectorises.
+fn all_finite<'a, D: ndarray::Dimension>(xs: &'a ndarray::Array<f32, D>) -> bool {
+    xs.iter().fold(true, |ok: bool, x: &'a f32| ok & x.is_finite())
 }
 
 /// How spread out one head's predictions are over a set of embeddings.
@@ -457,6 +559,8 @@ pub struct Adapter {
     steps: u64,
     rollbacks: u64,
     baseline: Option<Vec<Health>>,
+    /// The objective's buffers, kept from step to step.
+    work: ObjectiveWork<f32>,
 }
 
 impl Adapter {
@@ -479,6 +583,7 @@ impl Adapter {
             steps: 0,
             rollbacks: 0,
             baseline: None,
+            work: ObjectiveWork::default(),
         })
     }
 
@@ -565,10 +670,11 @@ impl Adapter {
 
     /// One optimiser step on a given batch (no guard).
     pub fn step_on(&mut self, batch: &Batch<f32>) -> Result<StepReport> {
-        let (parts, grads) = objective(&self.heads, &self.shipped, batch, &(&self.params).into())?;
+        let weights = ObjectiveWeights::from(&self.params);
+        let (parts, grads) =
+            objective_with(&mut self.work, &self.heads, &self.shipped, batch, &weights)?;
         let loss = parts.total();
-        if !loss.is_finite() || grads.iter().any(|g| g.v.iter().chain(&g.g).any(|x| !x.is_finite()))
-        {
+        if !loss.is_finite() || !grads.iter().all(|g| all_finite(&g.v) && all_finite(&g.g)) {
             return Err(Error::invalid(
                 "adaptation step",
                 "the objective or its gradient is not finite",
@@ -924,5 +1030,126 @@ mod tests {
         assert!(Adapter::new(vec![head.clone()], small_anchor).is_err());
         let bad_lr = AdaptParams { batch_size: 40, learning_rate: -1.0, ..AdaptParams::default() };
         assert!(Adapter::new(vec![head], bad_lr).is_err());
+    }
+
+    /// The uniform-prior part of the objective composed from the public pieces, head by
+    /// head: `Head::logits`, `multi_head_loss` on `N x C` logits and `Head::backward`.
+    fn reference_prior_part<F: NdFloat>(
+        heads: &[Head<F>],
+        views: &(Array2<F>, Array2<F>),
+        weight: F,
+        params: &LossParams,
+    ) -> (F, Vec<ParamGrads<F>>) {
+        let logits: Vec<Vec<Array2<F>>> = heads
+            .iter()
+            .map(|h| vec![h.logits(views.0.view()), h.logits(views.1.view())])
+            .collect();
+        let per_head: Vec<Vec<ArrayView2<F>>> =
+            logits.iter().map(|l| l.iter().map(|x| x.view()).collect()).collect();
+        let (loss, d_logits) = crate::loss::multi_head_loss(&per_head, params).expect("valid");
+        let grads = heads
+            .iter()
+            .zip(&d_logits)
+            .map(|(head, d)| {
+                let (a, b) = (
+                    head.backward(views.0.view(), d[0].view()),
+                    head.backward(views.1.view(), d[1].view()),
+                );
+                ParamGrads { v: (&a.v + &b.v) * weight, g: (&a.g + &b.g) * weight }
+            })
+            .collect();
+        (loss * weight, grads)
+    }
+
+    /// Checks the buffered objective against [`reference_prior_part`] on stream and anchor
+    /// batches of several sizes, one work buffer reused throughout; `tol` is relative to
+    /// the largest gradient entry.
+    fn check_buffered_objective<F: NdFloat>(heads: &[Head<F>], batches: &[Batch<F>], tol: f64) {
+        let weights = ObjectiveWeights {
+            anchor_weight: 0.6,
+            pull: 0.0,
+            distill: 0.0,
+            loss: LossParams::default(),
+        };
+        let mut work = ObjectiveWork::default();
+        let real = |x: F| x.to_f64().unwrap_or(f64::NAN);
+        for batch in batches {
+            let (parts, grads) =
+                objective_with(&mut work, heads, heads, batch, &weights).expect("ok");
+            let (stream, mut want) =
+                reference_prior_part(heads, &batch.stream, F::one(), &weights.loss);
+            let mut want_loss = real(stream);
+            if let Some(anchors) = &batch.anchors {
+                let w = F::from(weights.anchor_weight).expect("weight");
+                let (anchor, extra) = reference_prior_part(heads, anchors, w, &weights.loss);
+                want_loss += real(anchor);
+                for (a, b) in want.iter_mut().zip(&extra) {
+                    a.v += &b.v;
+                    a.g += &b.g;
+                }
+            }
+            assert!(
+                (parts.total() - want_loss).abs() < tol * (1.0 + want_loss.abs()),
+                "loss {} vs {want_loss}",
+                parts.total()
+            );
+            for (got, want) in grads.iter().zip(&want) {
+                let pairs = got.v.iter().zip(&want.v).chain(got.g.iter().zip(&want.g));
+                let scale = want.v.iter().chain(&want.g).fold(0.0f64, |m, x| m.max(real(*x).abs()));
+                for (&a, &b) in pairs {
+                    assert!(
+                        (real(a) - real(b)).abs() <= tol * scale,
+                        "gradient {} vs {}",
+                        real(a),
+                        real(b)
+                    );
+                }
+            }
+        }
+    }
+
+    fn batches_of(rng: &mut StdRng, dim: usize, sizes: &[(usize, bool)]) -> Vec<Batch<f64>> {
+        sizes
+            .iter()
+            .map(|&(n, identical)| {
+                let mut view = || {
+                    if identical {
+                        let row = random_unit_rows(rng, 1, dim);
+                        row.broadcast((n, dim)).expect("broadcast").to_owned()
+                    } else {
+                        random_unit_rows(rng, n, dim)
+                    }
+                };
+                let stream = (view(), view());
+                let anchors = (n % 2 == 0).then(|| (view(), view()));
+                Batch { stream, anchors }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn buffered_objective_matches_the_per_head_composition() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let dim = 12;
+        let heads: Vec<Head<f64>> =
+            [3, 5, 10, 20].iter().map(|&c| random_head(&mut rng, c, dim)).collect();
+        // Batch sizes that change from call to call, with batches of identical rows.
+        let sizes = [(80, false), (96, false), (80, true), (120, false), (81, true)];
+        let batches = batches_of(&mut rng, dim, &sizes);
+        check_buffered_objective(&heads, &batches, 1e-12);
+
+        let heads32: Vec<Head<f32>> = heads
+            .iter()
+            .map(|h| Head::new(h.v.mapv(|x| x as f32), h.g.mapv(|x| x as f32)).expect("head"))
+            .collect();
+        let to32 = |x: &Array2<f64>| x.mapv(|v| v as f32);
+        let batches32: Vec<Batch<f32>> = batches
+            .iter()
+            .map(|b| Batch {
+                stream: (to32(&b.stream.0), to32(&b.stream.1)),
+                anchors: b.anchors.as_ref().map(|(a, c)| (to32(a), to32(c))),
+            })
+            .collect();
+        check_buffered_objective(&heads32, &batches32, 1e-4);
     }
 }

@@ -16,7 +16,7 @@
 //! assert_eq!(head.predict(z.view())[0], 0);
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, NdFloat};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, NdFloat};
 
 use crate::{Error, Result};
 
@@ -82,8 +82,21 @@ impl<F: NdFloat> Head<F> {
 
     /// The effective weight matrix `W` (`C x D`).
     pub fn weights(&self) -> Array2<F> {
-        let scale = &self.g / &self.norms();
-        &self.v * &scale.insert_axis(Axis(1))
+        let mut w = Array2::zeros(self.v.raw_dim());
+        self.write_weights(w.view_mut());
+        w
+    }
+
+    /// Writes the effective weights `w_c = g_c v_c / |v_c|` into `out` (`C x D`).
+    ///
+    /// # Panics
+    /// If `out` is not `C x D`.
+    pub fn write_weights(&self, mut out: ArrayViewMut2<F>) {
+        let floor = F::from(MIN_NORM).unwrap_or_else(F::epsilon);
+        for ((mut w, v), &g) in out.rows_mut().into_iter().zip(self.v.rows()).zip(&self.g) {
+            let scale = g / v.dot(&v).sqrt().max(floor);
+            w.zip_mut_with(&v, |w, &v| *w = v * scale);
+        }
     }
 
     /// Logits `z W^T` for a batch of embeddings `z` (`N x D`).

@@ -10,10 +10,13 @@
 //!   which is what puts the uniform prior on the classes;
 //! - the pair's loss is `-(1/N) sum_{n,c} target[n,c] * ln(prediction[n,c])`.
 //!
-//! Both normalisations are done in log space (a normalised softmax is the softmax of the
-//! log-softmax along the other axis), so every quantity stays finite for logits of any
-//! finite size and for batches whose rows are all identical. The gradient flows through
-//! the target as well as the prediction: the method has no stop-gradient.
+//! Each second normalisation divides by the sums of the first softmax (two exponentials per
+//! logit in all); where such a sum is small enough that the exponentials under it may have
+//! underflowed, that sample's target or that class's prediction is taken in log space
+//! instead (a normalised softmax is the softmax of the log-softmax along the other axis),
+//! so every quantity stays exact and finite for logits of any finite size and for batches
+//! whose rows are all identical. The gradient flows through the target as well as the
+//! prediction: the method has no stop-gradient.
 //!
 //! With several views, every ordered pair `(target view, prediction view)` of distinct views
 //! counts, except pairs of two local views; the loss is the mean over counted pairs, and
@@ -89,58 +92,177 @@ pub struct LossAndGrad<F> {
     pub grads: Vec<Array2<F>>,
 }
 
-/// Per-view quantities shared by every pair the view takes part in. All are stored class
-/// by class (`C x N` row-major, the transpose of the logits), so that reductions over the
-/// batch run along contiguous memory and reductions over the classes run element-wise
-/// across rows: both vectorise, whatever the number of classes.
-struct ViewTerms<F> {
-    /// Row-normalised column softmax: the target this view gives.
-    target: Vec<F>,
-    /// Column softmax of the scaled logits (needed by the target's backward pass).
-    col_softmax: Vec<F>,
-    /// ln of (N/C times the column-normalised row softmax): the log-prediction.
-    log_pred: Vec<F>,
-    /// The column-normalised row softmax (needed by the prediction's backward pass).
-    pred: Vec<F>,
-    /// The plain row softmax (needed by the prediction's backward pass).
-    row_softmax: Vec<F>,
+/// Work buffers of [`class_major_loss`], kept by callers that evaluate the loss step after
+/// step: once they have grown to a step's shapes, a step allocates nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct LossWork<F> {
+    views: Vec<ViewTerms<F>>,
+    /// d loss / d target and d loss / d log-prediction of the view being differentiated
+    /// (`C x N`).
+    d_target: Vec<F>,
+    d_log_pred: Vec<F>,
+    /// Per sample, over classes: `sum_c target * d_target` and `sum_c d row_log`.
+    target_dots: Vec<F>,
+    row_log_totals: Vec<F>,
+    /// Per class, over the batch: `sum_n target * d_target` and `sum_n d_log_pred`.
+    class_dots: Vec<F>,
+    log_pred_totals: Vec<F>,
+    /// One column of the logits, for the rare samples whose target needs the slow path.
+    column: Vec<F>,
 }
 
-/// `e^x` for every element, in place. f32 buffers take a branch-free polynomial the
-/// compiler vectorises (relative error below 3e-7, inputs clamped to [-87, 88] so results
-/// stay finite and normal); other types use the standard library's `exp`.
-// A `Vec` rather than a slice: that is what can be checked to hold f32 without `unsafe`.
+/// What the forward pass keeps of one view, for every pair the view takes part in. The
+/// `C x N` buffers are stored class by class (row-major, the transpose of the logits), so
+/// reductions over the batch run along contiguous memory and reductions over the classes
+/// run element-wise across rows: both vectorise, whatever the number of classes.
+///
+/// Only two exponentials per logit are taken (the column softmax and the row softmax); the
+/// two second normalisations divide by sums. Where such a sum is so small that the
+/// exponentials under it may have underflowed (below [`Consts::tiny`]), that one column or
+/// row is redone in log space, so every quantity stays exact and finite.
+#[derive(Debug, Clone)]
+struct ViewTerms<F> {
+    /// The target this view gives: the column softmax, each sample renormalised over classes.
+    target: Vec<F>,
+    /// The column-normalised row softmax (the prediction without its factor `N / C`).
+    pred: Vec<F>,
+    /// Per sample: `sum_c col_softmax`, so that `col_softmax = target * col_total`.
+    col_total: Vec<F>,
+    /// Per sample: the log-normaliser of the row softmax, `row_log = x / Tr - row_lse`.
+    row_lse: Vec<F>,
+    /// Per class: `sum_n row_softmax`, so that `row_softmax = pred * pred_total`.
+    pred_total: Vec<F>,
+    /// Per class: `ln pred_total - ln(N / C)`, so that
+    /// `log_pred = x / Tr - row_lse - pred_shift`.
+    pred_shift: Vec<F>,
+    /// Per class: the log-normaliser of the column softmax, `col_log = x / Tc - col_lse`.
+    col_lse: Vec<F>,
+    /// Per sample: reciprocals of the row softmax's and of `col_total`'s sums (scratch).
+    inv_row_sum: Vec<F>,
+    inv_col_total: Vec<F>,
+}
+
+// Written out: deriving `Default` would ask it of `F`.
+impl<F> Default for LossWork<F> {
+    fn default() -> Self {
+        LossWork {
+            views: Vec::new(),
+            d_target: Vec::new(),
+            d_log_pred: Vec::new(),
+            target_dots: Vec::new(),
+            row_log_totals: Vec::new(),
+            class_dots: Vec::new(),
+            log_pred_totals: Vec::new(),
+            column: Vec::new(),
+        }
+    }
+}
+
+impl<F> Default for ViewTerms<F> {
+    fn default() -> Self {
+        ViewTerms {
+            target: Vec::new(),
+            pred: Vec::new(),
+            col_total: Vec::new(),
+            row_lse: Vec::new(),
+            pred_total: Vec::new(),
+            pred_shift: Vec::new(),
+            col_lse: Vec::new(),
+            inv_row_sum: Vec::new(),
+            inv_col_total: Vec::new(),
+        }
+    }
+}
+
+/// Constants of one evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Consts<F> {
+    inv_col_t: F,
+    inv_row_t: F,
+    /// `ln(N / C)`: the uniform prior's scale, in log space.
+    ln_ratio: F,
+    /// Sums below this take the log-space path: the square root of the smallest normal
+    /// number, so that anything an exponential lost to underflow or to the f32 polynomial's
+    /// clamp is negligible next to a sum above it.
+    tiny: F,
+}
+
+/// Resizes `buf` to `len` without touching the elements it keeps (they are overwritten).
+fn fit<F: NdFloat>(buf: &mut Vec<F>, len: usize) {
+    buf.resize(len, F::zero());
+}
+
+impl<F: NdFloat> ViewTerms<F> {
+    fn fit(&mut self, classes: usize, batch: usize) {
+        for buf in [&mut self.target, &mut self.pred] {
+            fit(buf, classes * batch);
+        }
+        for buf in [&mut self.col_total, &mut self.row_lse, &mut self.inv_row_sum] {
+            fit(buf, batch);
+        }
+        fit(&mut self.inv_col_total, batch);
+        for buf in [&mut self.pred_total, &mut self.pred_shift, &mut self.col_lse] {
+            fit(buf, classes);
+        }
+    }
+}
+
+/// `e^x` for every element, in place. f32 takes a branch-free polynomial the compiler
+/// vectorises (relative error below 3e-7, inputs clamped to [-87, 88] so results stay
+/// finite and normal); other types use the standard library's `exp`.
+#[inline(always)]
+fn exp_slice<F: NdFloat>(xs: &mut [F]) {
+    match as_f32(xs) {
+        Some(xs) => exp_f32(xs),
+        None => xs.iter_mut().for_each(|x| *x = x.exp()),
+    }
+}
+
+/// `xs` as f32, when `F` is f32.
+#[inline(always)]
+fn as_f32<F: NdFloat>(xs: &mut [F]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: `F` is `f32` (same type id), so the slice already is a `[f32]`.
+        Some(unsafe { &mut *(xs as *mut [F] as *mut [f32]) })
+    } else {
+        None
+    }
+}
+
+/// [`exp_slice`] on a vector (for the test of the polynomial against the standard library).
+#[cfg(test)]
 #[allow(clippy::ptr_arg)]
 pub(crate) fn exp_in_place<F: NdFloat>(xs: &mut Vec<F>) {
-    if let Some(xs) = (xs as &mut dyn std::any::Any).downcast_mut::<Vec<f32>>() {
-        exp_f32(xs);
-    } else {
-        xs.iter_mut().for_each(|x| *x = x.exp());
-    }
+    exp_slice(xs);
 }
 
-/// `e^x` for f32, with the widest vector instructions this processor has.
+/// `e^x` for f32, with fused multiply-adds where the processor has them.
+#[inline(always)]
 fn exp_f32(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the processor has AVX2 and FMA, checked just above.
-        unsafe { exp_f32_avx2(xs) };
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the processor has FMA, checked just above.
+        unsafe { exp_f32_fma(xs) };
         return;
     }
-    exp_f32_portable(xs);
+    exp_f32_lanes::<false>(xs);
 }
 
-/// [`exp_f32_portable`] compiled for AVX2 and FMA (8 lanes instead of SSE2's 4).
+/// [`exp_f32_lanes`] with fused multiply-adds (inlined into callers compiled for wider
+/// vectors, which then get those too).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_f32_avx2(xs: &mut [f32]) {
-    exp_f32_portable(xs);
+#[target_feature(enable = "fma")]
+#[inline]
+unsafe fn exp_f32_fma(xs: &mut [f32]) {
+    exp_f32_lanes::<true>(xs);
 }
 
 /// `e^x = 2^k e^r` with `k = round(x / ln 2)` and `|r| <= ln(2) / 2`; `e^r` by its
 /// degree-6 Taylor polynomial (truncation below 1.3e-7 relative), `2^k` built from bits.
+/// `FMA` evaluates each `a * b + c` with one rounding (only where the processor has it:
+/// elsewhere `mul_add` is a slow library call).
 #[inline(always)]
-fn exp_f32_portable(xs: &mut [f32]) {
+fn exp_f32_lanes<const FMA: bool>(xs: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that k * LN2_HI is exact for |k| < 2^8.
     const LN2_HI: f32 = 0.693_145_75;
@@ -150,23 +272,85 @@ fn exp_f32_portable(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         let v = if *x < -87.0 { -87.0 } else { *x };
         let v = if v > 88.0 { 88.0 } else { v };
-        let t = v * LOG2E + SHIFTER;
+        let mad = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+        let t = mad(v, LOG2E, SHIFTER);
         let k = t - SHIFTER;
-        let r = v - k * LN2_HI - k * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (0.5
-                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        let r = mad(-k, LN2_LO, mad(-k, LN2_HI, v));
+        let p = [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0]
+            .into_iter()
+            .fold(1.0 / 720.0, |acc, coeff| mad(acc, r, coeff));
         let k_int = (t.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
         *x = p * f32::from_bits(((k_int + 127) << 23) as u32);
     }
 }
 
+/// [`evaluate`] compiled for AVX-512 or for AVX2 and FMA when the processor has them (16
+/// or 8 f32 lanes instead of SSE2's 4): everything it calls is inlined into it, so all of
+/// the loss's loops get those instructions.
+fn evaluate_simd<F: NdFloat>(
+    work: &mut LossWork<F>,
+    e: &Evaluation<F>,
+    grads: &mut [&mut [F]],
+) -> F {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f")
+            && has!("avx512vl")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("fma")
+        {
+            // SAFETY: the processor has every feature the function is compiled for.
+            return unsafe { evaluate_avx512(work, e, grads) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
+            return unsafe { evaluate_avx2(work, e, grads) };
+        }
+    }
+    evaluate(work, e, grads)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn evaluate_avx512<F: NdFloat>(
+    work: &mut LossWork<F>,
+    e: &Evaluation<F>,
+    grads: &mut [&mut [F]],
+) -> F {
+    evaluate(work, e, grads)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn evaluate_avx2<F: NdFloat>(
+    work: &mut LossWork<F>,
+    e: &Evaluation<F>,
+    grads: &mut [&mut [F]],
+) -> F {
+    evaluate(work, e, grads)
+}
+
+/// Forward pass over every view, then each view's backward pass; returns the loss.
+#[inline(always)]
+fn evaluate<F: NdFloat>(work: &mut LossWork<F>, e: &Evaluation<F>, grads: &mut [&mut [F]]) -> F {
+    for (terms, x) in work.views.iter_mut().zip(e.views) {
+        terms.forward(x, e.classes, e.batch, &e.k, &mut work.column);
+    }
+    let mut loss = F::zero();
+    for (a, grad) in grads.iter_mut().enumerate() {
+        loss += work.backward(a, e, grad);
+    }
+    loss
+}
+
 /// Accumulator lanes of the reductions below: independent partial results the compiler can
-/// keep in one vector register.
-const LANES: usize = 8;
+/// keep in vector registers.
+const LANES: usize = 16;
 
 /// Sum of `xs`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
 fn sum<F: NdFloat>(xs: &[F]) -> F {
     let mut acc = [F::zero(); LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -178,6 +362,7 @@ fn sum<F: NdFloat>(xs: &[F]) -> F {
 }
 
 /// Largest element of `xs` (`-inf` when empty).
+#[inline(always)]
 fn max<F: NdFloat>(xs: &[F]) -> F {
     let mut acc = [F::neg_infinity(); LANES];
     let chunks = xs.chunks_exact(LANES);
@@ -189,6 +374,7 @@ fn max<F: NdFloat>(xs: &[F]) -> F {
 }
 
 /// Dot product of `a` and `b`.
+#[inline(always)]
 fn dot<F: NdFloat>(a: &[F], b: &[F]) -> F {
     let mut acc = [F::zero(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -201,68 +387,351 @@ fn dot<F: NdFloat>(a: &[F], b: &[F]) -> F {
     acc.iter().fold(rest, |s, &v| s + v)
 }
 
-/// Softmax and log-softmax of `scale * x` along each contiguous row of `width` elements
-/// (rows of `x` are `width` long), written into `soft` and `log`.
-fn softmax_along<F: NdFloat>(x: &[F], width: usize, scale: F, soft: &mut Vec<F>, log: &mut Vec<F>) {
-    log.clear();
-    for row in x.chunks_exact(width) {
-        let m = max(row) * scale;
-        log.extend(row.iter().map(|&v| v * scale - m));
+/// `acc += a * b` element-wise; returns `sum(a * b)`.
+#[inline(always)]
+fn accumulate_products<F: NdFloat>(acc: &mut [F], a: &[F], b: &[F]) -> F {
+    let mut lanes = [F::zero(); LANES];
+    let whole = acc.len().min(a.len()).min(b.len()) / LANES * LANES;
+    let chunks = acc[..whole].chunks_exact_mut(LANES).zip(a.chunks_exact(LANES));
+    for ((acc, a), b) in chunks.zip(b.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            let p = a[i] * b[i];
+            acc[i] += p;
+            lanes[i] += p;
+        }
     }
-    soft.clear();
-    soft.extend_from_slice(log);
-    exp_in_place(soft);
-    for (lrow, srow) in log.chunks_exact_mut(width).zip(soft.chunks_exact_mut(width)) {
-        let total = sum(srow);
-        let (ln, inv) = (total.ln(), total.recip());
-        lrow.iter_mut().for_each(|l| *l -= ln);
-        srow.iter_mut().for_each(|s| *s *= inv);
+    let mut rest = F::zero();
+    for ((acc, &a), &b) in acc[whole..].iter_mut().zip(&a[whole..]).zip(&b[whole..]) {
+        *acc += a * b;
+        rest += a * b;
+    }
+    lanes.iter().fold(rest, |s, &v| s + v)
+}
+
+/// `xs` as `x * scale - shift`, then `e^` of that, in `out`; returns the sum of `out`.
+#[inline(always)]
+fn exp_shifted<F: NdFloat>(out: &mut [F], xs: &[F], scale: F, shift: F) -> F {
+    out.iter_mut().zip(xs).for_each(|(o, &x)| *o = x * scale - shift);
+    exp_slice(out);
+    sum(out)
+}
+
+/// Softmax in place of `xs` (any finite values), returning its log-normaliser
+/// `ln sum e^x`.
+#[inline(always)]
+fn softmax_in_place<F: NdFloat>(xs: &mut [F]) -> F {
+    let m = max(xs);
+    xs.iter_mut().for_each(|x| *x -= m);
+    exp_slice(xs);
+    let total = sum(xs);
+    let inv = total.recip();
+    xs.iter_mut().for_each(|x| *x *= inv);
+    m + total.ln()
+}
+
+impl<F: NdFloat> ViewTerms<F> {
+    /// The forward pass over one view's logits `x` (`C x N`, class by class).
+    #[inline(always)]
+    fn forward(&mut self, x: &[F], classes: usize, batch: usize, k: &Consts<F>, column: &mut [F]) {
+        self.fit(classes, batch);
+        // Each class's largest logit over the batch, each sample's over the classes.
+        self.row_lse.iter_mut().for_each(|m| *m = F::neg_infinity());
+        for (c, row) in x.chunks_exact(batch).enumerate() {
+            self.col_lse[c] = max(row);
+            self.row_lse.iter_mut().zip(row).for_each(|(m, &v)| *m = if v > *m { v } else { *m });
+        }
+        // scale > 0, so the largest scaled value is the scaled largest value.
+        self.row_lse.iter_mut().for_each(|m| *m *= k.inv_row_t);
+
+        // The column softmax (over the batch, in `target` for now) and the row softmax's
+        // exponentials (in `pred`), summed over classes per sample as they come.
+        self.col_total.iter_mut().for_each(|t| *t = F::zero());
+        self.inv_row_sum.iter_mut().for_each(|t| *t = F::zero());
+        let rows = x.chunks_exact(batch).zip(self.target.chunks_exact_mut(batch));
+        for ((c, (row, soft)), exps) in rows.enumerate().zip(self.pred.chunks_exact_mut(batch)) {
+            let top = self.col_lse[c] * k.inv_col_t;
+            let total = exp_shifted(soft, row, k.inv_col_t, top);
+            self.col_lse[c] = top + total.ln();
+            let inv = total.recip();
+            for (t, s) in self.col_total.iter_mut().zip(soft.iter_mut()) {
+                *s *= inv;
+                *t += *s;
+            }
+            exps.iter_mut().zip(row).zip(&self.row_lse).for_each(|((e, &v), &m)| {
+                *e = v * k.inv_row_t - m;
+            });
+            exp_slice(exps);
+            self.inv_row_sum.iter_mut().zip(exps.iter()).for_each(|(s, &e)| *s += e);
+        }
+        for (lse, s) in self.row_lse.iter_mut().zip(self.inv_row_sum.iter_mut()) {
+            *lse += s.ln();
+            *s = s.recip();
+        }
+
+        // Samples whose column softmax all but vanished get their target in log space.
+        for (n, (total, inv)) in self.col_total.iter_mut().zip(&mut self.inv_col_total).enumerate()
+        {
+            if *total >= k.tiny {
+                *inv = total.recip();
+            } else {
+                *total = rescue_target(&mut self.target, x, &self.col_lse, n, batch, k, column);
+                *inv = F::one();
+            }
+        }
+
+        // Second normalisations: the target over classes, the prediction over the batch.
+        let rows = x.chunks_exact(batch).zip(self.target.chunks_exact_mut(batch));
+        for ((c, (row, target)), pred) in rows.enumerate().zip(self.pred.chunks_exact_mut(batch)) {
+            target.iter_mut().zip(&self.inv_col_total).for_each(|(t, &inv)| *t *= inv);
+            let total = dot(pred, &self.inv_row_sum);
+            let ln_total = if total >= k.tiny {
+                let inv = total.recip();
+                pred.iter_mut().zip(&self.inv_row_sum).for_each(|(p, &s)| *p *= s * inv);
+                self.pred_total[c] = total;
+                total.ln()
+            } else {
+                // The class is all but absent from the batch: its prediction in log space.
+                pred.iter_mut().zip(row).zip(&self.row_lse).for_each(|((p, &v), &lse)| {
+                    *p = v * k.inv_row_t - lse;
+                });
+                let ln_total = softmax_in_place(pred);
+                self.pred_total[c] = ln_total.exp();
+                ln_total
+            };
+            self.pred_shift[c] = ln_total - k.ln_ratio;
+        }
     }
 }
 
-/// Softmax and log-softmax of `scale * x` across rows (for each position of a row of
-/// `width` elements, over all rows), written into `soft` and `log`.
-fn softmax_across<F: NdFloat>(
+/// The target of sample `n` in log space (softmax over classes of the column log-softmax),
+/// written into `target`'s column `n`; returns that column's `sum_c col_softmax`.
+#[inline(always)]
+fn rescue_target<F: NdFloat>(
+    target: &mut [F],
     x: &[F],
-    width: usize,
-    scale: F,
-    soft: &mut Vec<F>,
-    log: &mut Vec<F>,
+    col_lse: &[F],
+    n: usize,
+    batch: usize,
+    k: &Consts<F>,
+    column: &mut [F],
+) -> F {
+    for (c, v) in column.iter_mut().enumerate() {
+        *v = x[c * batch + n] * k.inv_col_t - col_lse[c];
+    }
+    let ln_total = softmax_in_place(column);
+    for (c, &v) in column.iter().enumerate() {
+        target[c * batch + n] = v;
+    }
+    ln_total.exp()
+}
+
+/// `dst (+)= coeff * log_pred` for one class row of a view: `first` writes, later calls add.
+#[inline(always)]
+fn add_log_pred<F: NdFloat>(
+    dst: &mut [F],
+    logits: &[F],
+    terms: &ViewTerms<F>,
+    class: usize,
+    coeff: F,
+    k: &Consts<F>,
+    first: bool,
 ) {
-    let mut top = vec![F::neg_infinity(); width];
-    for row in x.chunks_exact(width) {
-        top.iter_mut().zip(row).for_each(|(m, &v)| *m = if v > *m { v } else { *m });
-    }
-    // scale > 0, so the largest scaled value is the scaled largest value.
-    top.iter_mut().for_each(|m| *m *= scale);
-    log.clear();
-    for row in x.chunks_exact(width) {
-        log.extend(row.iter().zip(&top).map(|(&v, &m)| v * scale - m));
-    }
-    soft.clear();
-    soft.extend_from_slice(log);
-    exp_in_place(soft);
-    let totals = sums_across(soft, width);
-    let ln_sum: Vec<F> = totals.iter().map(|s| s.ln()).collect();
-    let inv_sum: Vec<F> = totals.iter().map(|s| s.recip()).collect();
-    for (lrow, srow) in log.chunks_exact_mut(width).zip(soft.chunks_exact_mut(width)) {
-        lrow.iter_mut().zip(&ln_sum).for_each(|(l, &ln)| *l -= ln);
-        srow.iter_mut().zip(&inv_sum).for_each(|(s, &inv)| *s *= inv);
+    let shift = terms.pred_shift[class];
+    let values =
+        logits.iter().zip(&terms.row_lse).map(|(&v, &lse)| coeff * (v * k.inv_row_t - lse - shift));
+    if first {
+        dst.iter_mut().zip(values).for_each(|(d, v)| *d = v);
+    } else {
+        dst.iter_mut().zip(values).for_each(|(d, v)| *d += v);
     }
 }
 
-/// For each position of a row of `width` elements, the sum over all rows.
-fn sums_across<F: NdFloat>(x: &[F], width: usize) -> Vec<F> {
-    let mut sums = vec![F::zero(); width];
-    for row in x.chunks_exact(width) {
-        sums.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+/// `dst (+)= coeff * src`: `first` writes, later calls add.
+#[inline(always)]
+fn add_scaled<F: NdFloat>(dst: &mut [F], src: &[F], coeff: F, first: bool) {
+    if first {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = coeff * s);
+    } else {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += coeff * s);
     }
-    sums
 }
 
-/// The sum of each contiguous row of `width` elements.
-fn sums_along<F: NdFloat>(x: &[F], width: usize) -> Vec<F> {
-    x.chunks_exact(width).map(sum).collect()
+/// What [`LossWork::backward`] needs to know of the evaluation.
+struct Evaluation<'a, F> {
+    views: &'a [&'a [F]],
+    params: &'a LossParams,
+    classes: usize,
+    batch: usize,
+    k: Consts<F>,
+    /// `1 / (pairs * N)`: every pair's weight in the loss, per sample.
+    pair_weight: F,
+    /// What the gradients are multiplied by.
+    grad_scale: F,
+}
+
+impl<F: NdFloat> LossWork<F> {
+    fn fit(&mut self, views: usize, classes: usize, batch: usize) {
+        self.views.resize_with(views, ViewTerms::default);
+        fit(&mut self.d_target, classes * batch);
+        fit(&mut self.d_log_pred, classes * batch);
+        fit(&mut self.target_dots, batch);
+        fit(&mut self.row_log_totals, batch);
+        fit(&mut self.class_dots, classes);
+        fit(&mut self.log_pred_totals, classes);
+        fit(&mut self.column, classes);
+    }
+
+    /// View `a`'s d loss / d target and d loss / d log-prediction (the sums over the pairs
+    /// it is in, as target and as prediction), into `d_target` and `d_log_pred`.
+    #[inline(always)]
+    fn upstream(&mut self, a: usize, e: &Evaluation<F>) {
+        let (n, coeff) = (e.batch, -e.pair_weight);
+        let rows = self.d_target.chunks_exact_mut(n).zip(self.d_log_pred.chunks_exact_mut(n));
+        for (c, (dt, dl)) in rows.enumerate() {
+            let (mut first_t, mut first_l) = (true, true);
+            for (b, (logits, terms)) in e.views.iter().zip(&self.views).enumerate() {
+                if e.params.pair_counts(a, b) {
+                    add_log_pred(dt, &logits[c * n..(c + 1) * n], terms, c, coeff, &e.k, first_t);
+                    first_t = false;
+                }
+                if e.params.pair_counts(b, a) {
+                    add_scaled(dl, &terms.target[c * n..(c + 1) * n], coeff, first_l);
+                    first_l = false;
+                }
+            }
+            if first_t {
+                dt.iter_mut().for_each(|d| *d = F::zero());
+            }
+            if first_l {
+                dl.iter_mut().for_each(|d| *d = F::zero());
+            }
+        }
+    }
+
+    /// The gradient with respect to view `a`'s logits, through both softmax chains, into
+    /// `grad` (`C x N`, times the evaluation's scale); returns view `a`'s share of the loss.
+    ///
+    /// Target side: `target = softmax over classes of col_log`, `col_log = log-softmax over
+    /// the batch of x / Tc`:
+    ///   `d col_log = target (dt - U_n)` with `U_n = sum_c target dt`;
+    ///   `d x += (d col_log - col_softmax B_c) / Tc` with `B_c = sum_n d col_log`.
+    /// Prediction side: `log_pred = ln(N/C) + log-softmax over the batch of row_log`,
+    /// `row_log = log-softmax over classes of x / Tr`:
+    ///   `d row_log = dl - pred L_c` with `L_c = sum_n dl`;
+    ///   `d x += (d row_log - row_softmax Q_n) / Tr` with `Q_n = sum_c d row_log`.
+    /// With `col_softmax = target col_total` and `row_softmax = pred pred_total`, that is
+    ///   `d x = target (dt - U_n - col_total_n B_c) / Tc + (dl - pred (L_c + pred_total_c Q_n)) / Tr`.
+    #[inline(always)]
+    fn backward(&mut self, a: usize, e: &Evaluation<F>, grad: &mut [F]) -> F {
+        self.upstream(a, e);
+        let n = e.batch;
+        let t = &self.views[a];
+        self.target_dots.iter_mut().for_each(|u| *u = F::zero());
+        self.row_log_totals.iter_mut().for_each(|q| *q = F::zero());
+        for c in 0..e.classes {
+            let span = c * n..(c + 1) * n;
+            let (dt, dl) = (&self.d_target[span.clone()], &self.d_log_pred[span.clone()]);
+            let (target, pred) = (&t.target[span.clone()], &t.pred[span]);
+            self.class_dots[c] = accumulate_products(&mut self.target_dots, target, dt);
+            let total = sum(dl);
+            self.log_pred_totals[c] = total;
+            let q = self.row_log_totals.iter_mut().zip(dl).zip(pred);
+            q.for_each(|((q, &d), &p)| *q += d - p * total);
+        }
+        let loss = sum(&self.class_dots);
+
+        let (col_scale, row_scale) = (e.grad_scale * e.k.inv_col_t, e.grad_scale * e.k.inv_row_t);
+        for (c, g) in grad.chunks_exact_mut(n).enumerate().take(e.classes) {
+            let span = c * n..(c + 1) * n;
+            let (dt, dl) = (&self.d_target[span.clone()], &self.d_log_pred[span.clone()]);
+            let (target, pred) = (&t.target[span.clone()], &t.pred[span]);
+            let b = self.class_dots[c] - dot(target, &self.target_dots);
+            let (l, p_total) = (self.log_pred_totals[c], t.pred_total[c]);
+            let target_side = target.iter().zip(dt).zip(&self.target_dots).zip(&t.col_total);
+            let pred_side = pred.iter().zip(dl).zip(&self.row_log_totals);
+            for ((g, (((&y, &dt), &u), &ct)), ((&p, &dl), &q)) in
+                g.iter_mut().zip(target_side).zip(pred_side)
+            {
+                *g = y * (dt - u - ct * b) * col_scale + (dl - p * (l + p_total * q)) * row_scale;
+            }
+        }
+        loss
+    }
+}
+
+/// The uniform-prior loss of one head over `views` (each `C x N`, class by class, the
+/// transpose of the logits) and its gradient: `grads[v]` (`C x N`) is set to `grad_scale`
+/// times d loss / d view `v`. Returns the loss (not scaled). The logits are not checked for
+/// finiteness: a non-finite logit gives a non-finite loss.
+pub(crate) fn class_major_loss<F: NdFloat>(
+    views: &[&[F]],
+    shape: (usize, usize),
+    params: &LossParams,
+    grad_scale: F,
+    work: &mut LossWork<F>,
+    grads: &mut [&mut [F]],
+) -> Result<F> {
+    let tiny = F::min_positive_value().sqrt();
+    class_major_loss_with(views, shape, params, grad_scale, work, grads, tiny)
+}
+
+/// [`class_major_loss`] with the threshold below which sums take the log-space path (a
+/// test sets it to infinity to check that path against the fast one).
+fn class_major_loss_with<F: NdFloat>(
+    views: &[&[F]],
+    (classes, batch): (usize, usize),
+    params: &LossParams,
+    grad_scale: F,
+    work: &mut LossWork<F>,
+    grads: &mut [&mut [F]],
+    tiny: F,
+) -> Result<F> {
+    let len = classes * batch;
+    if len == 0
+        || views.len() != grads.len()
+        || views.iter().map(|v| v.len()).chain(grads.iter().map(|g| g.len())).any(|l| l != len)
+    {
+        return Err(Error::invalid(
+            "uniform-prior loss",
+            format!(
+                "{} views and {} gradients for {classes} classes x {batch} samples",
+                views.len(),
+                grads.len()
+            ),
+        ));
+    }
+    let pairs = (0..views.len())
+        .flat_map(|a| (0..views.len()).map(move |b| (a, b)))
+        .filter(|&(a, b)| params.pair_counts(a, b))
+        .count();
+    if pairs == 0 {
+        return Err(Error::invalid(
+            "uniform-prior loss",
+            format!(
+                "{} views with {} global give no pair to compare",
+                views.len(),
+                params.global_views
+            ),
+        ));
+    }
+    let real = |x: f64| F::from(x).unwrap_or_else(F::one);
+    let k = Consts {
+        inv_col_t: real(1.0 / params.col_temperature),
+        inv_row_t: real(1.0 / params.row_temperature),
+        ln_ratio: real(batch as f64 / classes as f64).ln(),
+        tiny,
+    };
+    let e = Evaluation {
+        views,
+        params,
+        classes,
+        batch,
+        k,
+        pair_weight: real(1.0 / (pairs * batch) as f64),
+        grad_scale,
+    };
+    work.fit(views.len(), classes, batch);
+    Ok(evaluate_simd(work, &e, grads))
 }
 
 /// `x` (`rows x cols`, any layout) transposed into a row-major `cols x rows` buffer.
@@ -281,82 +750,6 @@ fn transposed<F: NdFloat>(x: &ArrayView2<F>) -> Vec<F> {
     out
 }
 
-impl<F: NdFloat> ViewTerms<F> {
-    /// The terms of one view's logits (`N x C`).
-    fn new(logits: &ArrayView2<F>, params: &LossParams) -> Self {
-        let (n, c) = logits.dim();
-        let inv_col_t = F::from(1.0 / params.col_temperature).unwrap_or_else(F::one);
-        let inv_row_t = F::from(1.0 / params.row_temperature).unwrap_or_else(F::one);
-        let scale_ln = (F::from(n).unwrap_or_else(F::one) / F::from(c).unwrap_or_else(F::one)).ln();
-        // Class by class: each row holds one class's logits over the batch.
-        let x = transposed(logits);
-        let buf = || Vec::with_capacity(n * c);
-
-        // Target: softmax over classes of the log-softmax over the batch.
-        let (mut col_softmax, mut col_log) = (buf(), buf());
-        softmax_along(&x, n, inv_col_t, &mut col_softmax, &mut col_log);
-        let (mut target, mut scratch) = (buf(), buf());
-        softmax_across(&col_log, n, F::one(), &mut target, &mut scratch);
-
-        // Prediction: log-softmax over the batch of the log-softmax over classes, + ln(N/C).
-        let (mut row_softmax, mut row_log) = (buf(), buf());
-        softmax_across(&x, n, inv_row_t, &mut row_softmax, &mut row_log);
-        let (mut pred, mut log_pred) = (col_log, scratch);
-        softmax_along(&row_log, n, F::one(), &mut pred, &mut log_pred);
-        log_pred.iter_mut().for_each(|v| *v += scale_ln);
-
-        ViewTerms { target, col_softmax, log_pred, pred, row_softmax }
-    }
-}
-
-/// The gradient with respect to one view's logits, class by class (`C x N`), from
-/// d loss / d target (`dt`) and d loss / d log-prediction (`dl`), through both softmax
-/// chains; `n` is the batch size.
-fn view_backward<F: NdFloat>(
-    t: &ViewTerms<F>,
-    dt: &[F],
-    dl: &[F],
-    n: usize,
-    inv_col_t: F,
-    inv_row_t: F,
-) -> Vec<F> {
-    // Target side: target = softmax over classes of col_log, col_log = log-softmax over
-    // the batch of x / col_t:
-    //   d col_log = target * (dt - sum over classes of (target * dt))
-    //   d x      += (d col_log - col_softmax * (sum over the batch of d col_log)) / col_t
-    let mut d_col_log: Vec<F> = t.target.iter().zip(dt).map(|(&y, &d)| y * d).collect();
-    let dots = sums_across(&d_col_log, n);
-    for (row, trow) in d_col_log.chunks_exact_mut(n).zip(t.target.chunks_exact(n)) {
-        row.iter_mut().zip(trow).zip(&dots).for_each(|((v, &y), &dot)| *v -= y * dot);
-    }
-    let batch_totals = sums_along(&d_col_log, n);
-    // Prediction side: log_pred = ln(N/C) + log-softmax over the batch of row_log,
-    // row_log = log-softmax over classes of x / row_t:
-    //   d row_log = dl - pred * (sum over the batch of dl)
-    //   d x      += (d row_log - row_softmax * (sum over classes of d row_log)) / row_t
-    let dl_totals = sums_along(dl, n);
-    let mut d_row_log: Vec<F> = Vec::with_capacity(dl.len());
-    for ((row, prow), &total) in dl.chunks_exact(n).zip(t.pred.chunks_exact(n)).zip(&dl_totals) {
-        d_row_log.extend(row.iter().zip(prow).map(|(&d, &p)| d - p * total));
-    }
-    let class_totals = sums_across(&d_row_log, n);
-
-    let mut grad = d_col_log;
-    let rows = grad
-        .chunks_exact_mut(n)
-        .zip(t.col_softmax.chunks_exact(n))
-        .zip(d_row_log.chunks_exact(n).zip(t.row_softmax.chunks_exact(n)))
-        .zip(&batch_totals);
-    for (((g, cs), (drl, rs)), &bt) in rows {
-        for ((((g, &cs), &drl), &rs), &ct) in
-            g.iter_mut().zip(cs).zip(drl).zip(rs).zip(&class_totals)
-        {
-            *g = (*g - cs * bt) * inv_col_t + (drl - rs * ct) * inv_row_t;
-        }
-    }
-    grad
-}
-
 /// The uniform-prior loss of one head over any number of views, with its gradient.
 ///
 /// `views[v]` holds the logits of view `v` (`N x C`, the same shape for every view); the
@@ -366,56 +759,22 @@ pub fn uniform_prior_loss<F: NdFloat>(
     params: &LossParams,
 ) -> Result<LossAndGrad<F>> {
     params.validate()?;
-    let shape = check_views(views)?;
-    let (n, c) = shape;
-    let terms: Vec<ViewTerms<F>> = views.iter().map(|v| ViewTerms::new(v, params)).collect();
-
-    let pairs: Vec<(usize, usize)> = (0..views.len())
-        .flat_map(|a| (0..views.len()).map(move |b| (a, b)))
-        .filter(|&(a, b)| params.pair_counts(a, b))
-        .collect();
-    if pairs.is_empty() {
-        return Err(Error::invalid(
-            "uniform-prior loss",
-            format!(
-                "{} views with {} global give no pair to compare",
-                views.len(),
-                params.global_views
-            ),
-        ));
-    }
-
-    let pair_weight = F::one() / F::from(pairs.len()).unwrap_or_else(F::one);
-    let per_sample = F::one() / F::from(n).unwrap_or_else(F::one);
-    // d(pair loss)/d(target) and d(pair loss)/d(log_pred), accumulated per view first, so
-    // each view's backward pass through its softmaxes runs once however many pairs it is in.
-    let mut d_target: Vec<Vec<F>> = views.iter().map(|_| vec![F::zero(); n * c]).collect();
-    let mut d_log_pred: Vec<Vec<F>> = views.iter().map(|_| vec![F::zero(); n * c]).collect();
-    let mut loss = F::zero();
-    let weight = pair_weight * per_sample;
-
-    for &(a, b) in &pairs {
-        let target = &terms[a].target;
-        let log_pred = &terms[b].log_pred;
-        loss -= weight * dot(target, log_pred);
-        d_target[a].iter_mut().zip(log_pred).for_each(|(d, &l)| *d -= weight * l);
-        d_log_pred[b].iter_mut().zip(target).for_each(|(d, &t)| *d -= weight * t);
-    }
-
-    let inv_col_t = F::from(1.0 / params.col_temperature).unwrap_or_else(F::one);
-    let inv_row_t = F::from(1.0 / params.row_temperature).unwrap_or_else(F::one);
-    let grads = terms
-        .iter()
-        .zip(d_target.iter().zip(&d_log_pred))
-        .map(|(t, (dt, dl))| {
-            let g = view_backward(t, dt, dl, n, inv_col_t, inv_row_t);
+    let (n, c) = check_views(views)?;
+    let class_major: Vec<Vec<F>> = views.iter().map(transposed).collect();
+    let inputs: Vec<&[F]> = class_major.iter().map(Vec::as_slice).collect();
+    let mut grads: Vec<Vec<F>> = views.iter().map(|_| vec![F::zero(); n * c]).collect();
+    let mut outputs: Vec<&mut [F]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
+    let mut work = LossWork::default();
+    let loss = class_major_loss(&inputs, (c, n), params, F::one(), &mut work, &mut outputs)?;
+    let grads = grads
+        .into_iter()
+        .map(|g| {
             // Back from class by class to the logits' `N x C`.
             Array2::from_shape_vec((c, n), g)
                 .map(|g| g.reversed_axes().as_standard_layout().into_owned())
                 .map_err(|e| Error::invalid("uniform-prior loss", e.to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-
     Ok(LossAndGrad { loss, grads })
 }
 
@@ -691,5 +1050,96 @@ mod tests {
         let mut wide = vec![-1.0f64, 0.5];
         exp_in_place(&mut wide);
         assert_eq!(wide, vec![(-1.0f64).exp(), 0.5f64.exp()]);
+    }
+
+    /// The class-by-class core on the transposes of `xs`, with `work` and output buffers
+    /// passed in, and the log-space threshold `tiny`; returns the loss and the gradients
+    /// back in the logits' `N x C` layout.
+    fn core_loss(
+        xs: &[Array2<f64>],
+        params: &LossParams,
+        work: &mut LossWork<f64>,
+        tiny: f64,
+    ) -> (f64, Vec<Array2<f64>>) {
+        let (n, c) = xs[0].dim();
+        let class_major: Vec<Vec<f64>> = xs.iter().map(|x| transposed(&x.view())).collect();
+        let inputs: Vec<&[f64]> = class_major.iter().map(Vec::as_slice).collect();
+        // Stale values in the outputs must be overwritten, not accumulated into.
+        let mut grads = vec![vec![f64::NAN; n * c]; xs.len()];
+        let mut outputs: Vec<&mut [f64]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
+        let loss = class_major_loss_with(&inputs, (c, n), params, 0.5, work, &mut outputs, tiny)
+            .expect("valid views");
+        let grads = grads
+            .into_iter()
+            .map(|g| Array2::from_shape_vec((c, n), g).expect("shape").reversed_axes() * 2.0)
+            .collect();
+        (loss, grads)
+    }
+
+    fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
+        assert!((got - want).abs() <= tol * (1.0 + want.abs()), "{what}: {got} vs {want}");
+    }
+
+    #[test]
+    fn reused_buffers_give_the_reference_loss_and_gradients() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let mut work = LossWork::default();
+        let tiny = f64::MIN_POSITIVE.sqrt();
+        // Shapes that grow and shrink, so buffers are reused at other sizes.
+        for &(n, c, views, identical) in &[
+            (40, 10, 2, false),
+            (12, 3, 3, false),
+            (64, 16, 2, true),
+            (33, 7, 2, false),
+            (80, 20, 4, true),
+            (8, 2, 2, false),
+        ] {
+            let params = LossParams::default();
+            let xs: Vec<Array2<f64>> = (0..views)
+                .map(|_| {
+                    if identical {
+                        let row = random_logits(&mut rng, 1, c, 1.0);
+                        row.broadcast((n, c)).expect("broadcast").to_owned()
+                    } else {
+                        random_logits(&mut rng, n, c, 1.0)
+                    }
+                })
+                .collect();
+            let want = loss_of(&xs, &params);
+            let (loss, grads) = core_loss(&xs, &params, &mut work, tiny);
+            assert_close("loss", loss, want.loss, 1e-13);
+            assert_close("direct definition", loss, direct_loss(&xs, &params), 1e-10);
+            for (g, w) in grads.iter().zip(&want.grads) {
+                for (&a, &b) in g.iter().zip(w) {
+                    assert_close("gradient", a, b, 1e-13);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn log_space_path_agrees_with_the_fast_path() {
+        let mut rng = StdRng::seed_from_u64(23);
+        for &(n, c, scale) in &[(16, 4, 1.0), (32, 10, 3.0), (6, 3, 0.2)] {
+            let params = LossParams::default();
+            let xs: Vec<_> = (0..2).map(|_| random_logits(&mut rng, n, c, scale)).collect();
+            let (fast, fast_grads) =
+                core_loss(&xs, &params, &mut LossWork::default(), f64::MIN_POSITIVE.sqrt());
+            // An infinite threshold sends every sample and class through the log-space path.
+            let (slow, slow_grads) =
+                core_loss(&xs, &params, &mut LossWork::default(), f64::INFINITY);
+            assert_close("loss", slow, fast, 1e-12);
+            for (g, w) in slow_grads.iter().zip(&fast_grads) {
+                for (&a, &b) in g.iter().zip(w) {
+                    assert_close("gradient", a, b, 1e-12);
+                }
+            }
+        }
+        // Logits so spread that both paths are taken within one view: finite throughout,
+        // and the gradient still matches central differences.
+        let xs: Vec<_> = (0..2).map(|_| random_logits(&mut rng, 5, 3, 60.0)).collect();
+        let out = loss_of(&xs, &LossParams::default());
+        assert!(out.loss.is_finite());
+        check_gradient(&xs, &LossParams::default());
     }
 }
