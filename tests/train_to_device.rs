@@ -18,6 +18,7 @@ use selfclass_trainer::augment::AugmentConfig;
 use selfclass_trainer::data::{Dataset, Split};
 use selfclass_trainer::model::{BackboneConfig, ModelConfig};
 use selfclass_trainer::optim::OptimizerKind;
+use selfclass_trainer::refit::{self, RefitConfig};
 use selfclass_trainer::train::{self, RunInputs, TrainConfig};
 use selfclass_trainer::{eval, export};
 
@@ -69,6 +70,15 @@ fn a_model_trained_here_runs_and_adapts_on_the_device() {
         command_line: "train_to_device test".into(),
     };
     let mut output = train::run(config, inputs, &Device::Cpu).expect("training");
+    // The run's last stage, as `sc-train train` does it: the heads fitted again on the
+    // frozen backbone, the lowest-loss candidate kept.
+    let refit = RefitConfig { restarts: 2, epochs: 2, views: 2, lr: 1e-2 };
+    let record =
+        refit::refit_heads(&mut output.model, &output.state, &train_set, &refit, None, false)
+            .expect("head refit");
+    for head in &record.heads {
+        assert!(head.losses.iter().all(|l| head.losses[head.chosen] <= *l), "{head:?}");
+    }
     let bundle = export::build_bundle(&mut output.model, &output.state, &train_set, 256, "test")
         .expect("export");
     let path = dir.path().join("model.scb");

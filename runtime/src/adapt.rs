@@ -620,6 +620,12 @@ impl Adapter {
         &self.params
     }
 
+    /// Sets the Adam step size from the next step on, for callers that follow a schedule
+    /// (the trainer's head refit decays it over its passes).
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.params.learning_rate = learning_rate;
+    }
+
     /// The heads as adapted so far.
     pub fn heads(&self) -> &[Head<f32>] {
         &self.heads

@@ -16,7 +16,9 @@ use ndarray::{Array1, Array2, Axis};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use selfclass_runtime::adapt::{objective, Batch, ObjectiveWeights};
+use selfclass_runtime::adapt::{
+    objective, AdaptParams, Adapter, Batch, GuardParams, ObjectiveWeights,
+};
 use selfclass_runtime::head::Head;
 use selfclass_runtime::loss::LossParams;
 use serde::{Deserialize, Serialize};
@@ -337,13 +339,9 @@ fn pair(fit: &FitData, rows: &[usize], rng: &mut ChaCha8Rng) -> Batch<f32> {
     }
 }
 
-/// Adam with cosine decay from `refit.lr` on the uniform-prior loss of random view pairs.
-fn fit_head(
-    mut head: Head<f32>,
-    fit: &FitData,
-    refit: &RefitConfig,
-    seed: u64,
-) -> Result<Head<f32>> {
+/// Adam with cosine decay from `refit.lr` on the uniform-prior loss of random view pairs,
+/// stepped by the device library's own adapter (no anchors, no pull, no guard).
+fn fit_head(head: Head<f32>, fit: &FitData, refit: &RefitConfig, seed: u64) -> Result<Head<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9);
     let n = fit.views[0].nrows();
     let steps_per_epoch = n / fit.batch_size;
@@ -353,19 +351,27 @@ fn fit_head(
         total_steps: refit.epochs * steps_per_epoch,
         final_fraction: 0.0,
     };
-    let mut adam = Adam::new(&head);
+    let params = AdaptParams {
+        learning_rate: refit.lr,
+        batch_size: fit.batch_size,
+        anchor_batch: 0,
+        anchor_weight: 0.0,
+        pull: 0.0,
+        distill: 0.0,
+        loss: fit.weights.loss,
+        guard: GuardParams { check_every: 0, ..GuardParams::default() },
+        ..AdaptParams::default()
+    };
+    let mut adapter = Adapter::new(vec![head], params).ctx("refit start")?;
     let mut order: Vec<usize> = (0..n).collect();
     for epoch in 0..refit.epochs {
         order.shuffle(&mut rng);
         for (step, rows) in order.chunks_exact(fit.batch_size).enumerate() {
-            let batch = pair(fit, rows, &mut rng);
-            let one = std::slice::from_ref(&head);
-            let (_, grads) = objective(one, one, &batch, &fit.weights).ctx("refit step")?;
-            let lr = schedule.lr_at(epoch * steps_per_epoch + step) as f32;
-            adam.step(&mut head, &grads[0].v, &grads[0].g, lr);
+            adapter.set_learning_rate(schedule.lr_at(epoch * steps_per_epoch + step));
+            adapter.step_on(&pair(fit, rows, &mut rng)).ctx("refit step")?;
         }
     }
-    Ok(head)
+    Ok(adapter.heads()[0].clone())
 }
 
 /// Mean loss of `head` over the training images in order, views 0 and 1, one batch at a time.
@@ -388,49 +394,6 @@ fn score(head: &Head<f32>, fit: &FitData) -> Result<f64> {
         batches += 1;
     }
     Ok(total / batches.max(1) as f64)
-}
-
-/// Adam moments of one head.
-struct Adam {
-    m_v: Array2<f32>,
-    s_v: Array2<f32>,
-    m_g: Array1<f32>,
-    s_g: Array1<f32>,
-    t: i32,
-}
-
-impl Adam {
-    fn new(head: &Head<f32>) -> Self {
-        Adam {
-            m_v: Array2::zeros(head.v.raw_dim()),
-            s_v: Array2::zeros(head.v.raw_dim()),
-            m_g: Array1::zeros(head.g.raw_dim()),
-            s_g: Array1::zeros(head.g.raw_dim()),
-            t: 0,
-        }
-    }
-
-    fn step(&mut self, head: &mut Head<f32>, dv: &Array2<f32>, dg: &Array1<f32>, lr: f32) {
-        const B1: f32 = 0.9;
-        const B2: f32 = 0.999;
-        self.t += 1;
-        let (c1, c2) = (1.0 - B1.powi(self.t), 1.0 - B2.powi(self.t));
-        let update = |p: &mut f32, g: f32, m: &mut f32, s: &mut f32| {
-            *m = B1 * *m + (1.0 - B1) * g;
-            *s = B2 * *s + (1.0 - B2) * g * g;
-            *p -= lr * (*m / c1) / ((*s / c2).sqrt() + 1e-8);
-        };
-        ndarray::Zip::from(&mut head.v)
-            .and(dv)
-            .and(&mut self.m_v)
-            .and(&mut self.s_v)
-            .for_each(|p, &g, m, s| update(p, g, m, s));
-        ndarray::Zip::from(&mut head.g)
-            .and(dg)
-            .and(&mut self.m_g)
-            .and(&mut self.s_g)
-            .for_each(|p, &g, m, s| update(p, g, m, s));
-    }
 }
 
 #[cfg(test)]

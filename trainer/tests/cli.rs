@@ -53,6 +53,14 @@ const SMALL: &[&str] = &[
     "--quiet",
 ];
 
+/// `sc-train eval --json` of a checkpoint or bundle on `data`.
+fn eval_json(model: &Path, data: &str) -> serde_json::Value {
+    let model = model.to_str().expect("utf-8");
+    let out = sc_train(&["eval", "--model", model, "--data", data, "--json"]);
+    assert!(out.status.success(), "eval failed: {}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).expect("eval json")
+}
+
 fn train(out_dir: &Path, extra: &[&str]) -> Output {
     let data = sample();
     let mut args = vec![
@@ -98,18 +106,7 @@ fn train_eval_predict_and_resume() {
     // closely: both score the same 1,000 test images.
     let data = sample();
     let data = data.to_str().expect("utf-8");
-    let eval = |model: &Path| {
-        let out = sc_train(&[
-            "eval",
-            "--model",
-            model.to_str().expect("utf-8"),
-            "--data",
-            data,
-            "--json",
-        ]);
-        assert!(out.status.success(), "eval failed: {}", stderr(&out));
-        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).expect("eval json")
-    };
+    let eval = |model: &Path| eval_json(model, data);
     let from_checkpoint = eval(&straight);
     let from_bundle = eval(&bundle);
     for key in ["acc", "nmi", "ami", "ari", "n", "clusters_used", "head"] {
@@ -237,19 +234,7 @@ fn refit_a_finished_run() {
     assert_ne!(std::fs::read(run.join("model.scb")).expect("bundle"), before);
 
     // The refitted checkpoint and its bundle score alike.
-    let eval = |model: &Path| {
-        let out = sc_train(&[
-            "eval",
-            "--model",
-            model.to_str().expect("utf-8"),
-            "--data",
-            data,
-            "--json",
-        ]);
-        assert!(out.status.success(), "eval failed: {}", stderr(&out));
-        let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("eval json");
-        v["acc"].as_f64().expect("acc")
-    };
+    let eval = |model: &Path| eval_json(model, data)["acc"].as_f64().expect("acc");
     let (a, b) = (eval(&run), eval(&run.join("model.scb")));
     assert!((a - b).abs() < 0.02, "checkpoint {a} vs bundle {b}");
     assert!((a - line["test"]["acc"].as_f64().expect("acc")).abs() < 1e-9);
