@@ -50,13 +50,14 @@ enum Command {
 /// The head refit that ends a run (see `selfclass_trainer::refit`).
 #[derive(Args)]
 struct RefitFlags {
-    /// Random starts per head in the final head refit (0: keep the heads as trained).
+    /// Random starts per head in the final head refit (`train`: 0 keeps the heads as
+    /// trained; at most 1000).
     #[arg(long, default_value_t = RefitConfig::default().restarts)]
     refit_restarts: usize,
     /// Passes over the training images per refit start.
     #[arg(long, default_value_t = RefitConfig::default().epochs)]
     refit_epochs: usize,
-    /// Augmented views embedded per training image for the refit.
+    /// Augmented views embedded per training image for the refit (2 to 32).
     #[arg(long, default_value_t = RefitConfig::default().views)]
     refit_views: usize,
     /// Peak Adam step size of the refit.
@@ -91,6 +92,9 @@ struct RefitArgs {
     /// Where to write the bundle (default: CHECKPOINT/model.scb).
     #[arg(long)]
     bundle: Option<PathBuf>,
+    /// Use at most this many training images (default: as many as the run trained on).
+    #[arg(long)]
+    limit: Option<usize>,
     /// Embedding pairs stored in the bundle for on-device replay.
     #[arg(long, default_value_t = 3000)]
     anchors: usize,
@@ -359,8 +363,18 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
         train_set = train_set.take(limit);
     }
     let test_path = args.test_data.clone().unwrap_or_else(|| args.data.clone());
+    let chw = (train_set.channels, train_set.height, train_set.width);
     let test_set = match Dataset::load(&test_path, Split::Test) {
-        Ok(set) => Some(set),
+        Ok(set) if (set.channels, set.height, set.width) == chw => Some(set),
+        Ok(set) if args.test_data.is_some() => {
+            check_shape(&set, chw, "--test-data")?;
+            None
+        }
+        Ok(_) => {
+            tracing::info!("the test split's images differ in shape from the training images; per-epoch scores disabled");
+            None
+        }
+        Err(e) if args.test_data.is_some() => return Err(e.into()),
         Err(e) => {
             tracing::info!("no labelled test split, per-epoch scores disabled: {e}");
             None
@@ -428,6 +442,10 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
         command_line: command_line.clone(),
     };
     args.refit.config().validate()?;
+    let bundle_path = args.bundle.clone().unwrap_or_else(|| args.out.join("model.scb"));
+    if args.out.is_dir() || args.bundle.is_some() {
+        check_bundle_path(&bundle_path, &args.out)?;
+    }
     let output = train::run(config, inputs, device)?;
     if output.state.epochs_done < output.state.config.epochs {
         tracing::info!(
@@ -436,22 +454,32 @@ fn train_command(args: TrainArgs, device: &Device) -> Result<()> {
         );
         return Ok(());
     }
-    let bundle_path = args.bundle.unwrap_or_else(|| args.out.join("model.scb"));
     let (mut model, mut state) = (output.model, output.state);
     let refit = args.refit.config();
-    if refit.restarts > 0 && state.refit.is_none() {
-        refit_and_report(
+    let line = if refit.restarts > 0 && state.refit.is_none() {
+        Some(refit_heads_and_score(
             &mut model,
             &mut state,
             &train_set,
             test_set.as_ref(),
             &refit,
-            &args.out,
             !args.quiet,
-        )?;
-    }
-    let bundle = export::build_bundle(&mut model, &state, &train_set, args.anchors, &command_line)?;
+        )?)
+    } else {
+        if state.refit.is_some() {
+            tracing::info!("the heads were refitted when the run finished; the --refit flags are not used again");
+        }
+        None
+    };
+    let bundle =
+        export::build_bundle(&mut model, &state, &train_set, args.anchors, &provenance(&state))?;
     bundle.save(&bundle_path)?;
+    if let Some(line) = line {
+        // After the bundle, as `refit` does: a failure in between leaves a checkpoint that
+        // `--resume` refits again, to the same heads.
+        train::update_checkpoint(&args.out, &mut model, &state)?;
+        println!("{line}");
+    }
     tracing::info!(path = %bundle_path.display(), "bundle written");
     Ok(())
 }
@@ -547,17 +575,61 @@ fn predict_command(args: PredictArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Refits the heads, records it in the checkpoint in `dir` and prints one JSON line: the
-/// refit's record and, when `test` has labels, the scores of the refitted heads on it.
-fn refit_and_report(
+/// The bundle a command is about to write, checked before any work: not a directory, not
+/// one of a checkpoint's own files, in a directory that exists.
+fn check_bundle_path(path: &Path, checkpoint_dir: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("bundle {}: is a directory; give a file path such as DIR/model.scb", path.display());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        bail!(
+            "bundle {}: the directory {} does not exist; create it first",
+            path.display(),
+            parent.display()
+        );
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let own = [train::CHECKPOINT_STATE, train::CHECKPOINT_TENSORS];
+    let same_dir =
+        std::fs::canonicalize(&parent).ok() == std::fs::canonicalize(checkpoint_dir).ok();
+    if same_dir && own.contains(&name) {
+        bail!("bundle {}: that is the run's checkpoint; write the bundle elsewhere (for example DIR/model.scb)", path.display());
+    }
+    Ok(())
+}
+
+/// `data`'s images have the shape the run was trained on; `flag` names where they came from.
+fn check_shape(data: &Dataset, chw: (usize, usize, usize), flag: &str) -> Result<()> {
+    if (data.channels, data.height, data.width) != chw {
+        bail!(
+            "{flag} {}: holds {}x{}x{} images (channels x height x width); the run was trained on {}x{}x{}",
+            data.origin.display(),
+            data.channels,
+            data.height,
+            data.width,
+            chw.0,
+            chw.1,
+            chw.2
+        );
+    }
+    Ok(())
+}
+
+/// Refits the heads of `model` in memory and returns the JSON line to print once the
+/// bundle and checkpoint are written: the refit's record and, when `test` has labels, the
+/// refitted heads' scores on it. `state.refit` records it.
+fn refit_heads_and_score(
     model: &mut Model,
     state: &mut CheckpointState,
     train_set: &Dataset,
     test: Option<&Dataset>,
     refit: &RefitConfig,
-    dir: &Path,
     progress: bool,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     // The backbone stays frozen, so the held-out embeddings serve before and after.
     let test = match test.and_then(|t| Some((t.labels.clone()?, t))) {
         Some((labels, test)) => {
@@ -569,9 +641,9 @@ fn refit_and_report(
         None => None,
     };
     let held_out = test.as_ref().map(|(_, h)| h);
-    let record = refit::refit_heads(model, state, train_set, refit, held_out, progress)?;
+    let mut record = refit::refit_heads(model, state, train_set, refit, held_out, progress)?;
+    record.command_line = recorded_command_line(&std::env::args().collect::<Vec<_>>().join(" "));
     state.refit = Some(record.clone());
-    train::update_checkpoint(dir, model, state)?;
     let mut line = serde_json::json!({ "refit": record });
     if let Some((z, held_out)) = &test {
         let (clusters, _) = eval::predict(model, z)?;
@@ -579,8 +651,19 @@ fn refit_and_report(
         let head = eval::default_head(model, Some(labels));
         line["test"] = serde_json::to_value(eval::score_head(model, &clusters, labels, head)?)?;
     }
-    println!("{line}");
-    Ok(())
+    Ok(line)
+}
+
+/// The command lines a bundle records: the training run's, and the refit's when it was a
+/// separate command.
+fn provenance(state: &CheckpointState) -> String {
+    let train = recorded_command_line(&state.command_line);
+    match &state.refit {
+        Some(r) if !r.command_line.is_empty() && r.command_line != train => {
+            format!("{train}; {}", r.command_line)
+        }
+        _ => train,
+    }
 }
 
 fn refit_command(args: RefitArgs, device: &Device) -> Result<()> {
@@ -589,6 +672,8 @@ fn refit_command(args: RefitArgs, device: &Device) -> Result<()> {
     if refit.restarts == 0 {
         bail!("--refit-restarts 0 would leave the heads as they are; give at least 1");
     }
+    let bundle_path = args.bundle.clone().unwrap_or_else(|| args.checkpoint.join("model.scb"));
+    check_bundle_path(&bundle_path, &args.checkpoint)?;
     let (mut model, mut state) = train::load_model(&args.checkpoint, device)?;
     if state.epochs_done < state.config.epochs {
         bail!(
@@ -598,37 +683,61 @@ fn refit_command(args: RefitArgs, device: &Device) -> Result<()> {
             state.config.epochs
         );
     }
-    let train_set = Dataset::load(&args.data, Split::Train)?;
-    if (train_set.channels, train_set.height, train_set.width) != state.input_chw {
-        bail!(
-            "{} holds {}x{}x{} images, the run was trained on {:?}",
-            args.data.display(),
-            train_set.channels,
-            train_set.height,
-            train_set.width,
-            state.input_chw
+    let mut train_set = Dataset::load(&args.data, Split::Train)?;
+    check_shape(&train_set, state.input_chw, "--data")?;
+    let limit = args.limit.unwrap_or(state.train_images);
+    if train_set.len() > limit {
+        train_set = train_set.take(limit);
+    }
+    if train_set.origin.display().to_string() != state.dataset
+        || train_set.len() != state.train_images
+    {
+        tracing::warn!(
+            data = %train_set.origin.display(),
+            images = train_set.len(),
+            trained_on = %state.dataset,
+            trained_images = state.train_images,
+            "refitting on other images than the run was trained on"
         );
     }
-    let test_path = args.test_data.clone().unwrap_or_else(|| args.data.clone());
-    let test_set = Dataset::load(&test_path, Split::Test).ok();
-    refit_and_report(
+    state.config.validate(&train_set).context("the checkpoint's settings")?;
+    let channels = state.input_chw.0;
+    if state.mean.len() != channels
+        || state.std.len() != channels
+        || !state.std.iter().all(|s| s.is_finite() && *s > 0.0)
+    {
+        bail!(
+            "{}: its normalisation (mean {:?}, std {:?}) does not fit {channels}-channel images",
+            args.checkpoint.join(train::CHECKPOINT_STATE).display(),
+            state.mean,
+            state.std
+        );
+    }
+    let test_set = match &args.test_data {
+        Some(path) => {
+            let set = Dataset::load(path, Split::Test)?;
+            check_shape(&set, state.input_chw, "--test-data")?;
+            Some(set)
+        }
+        None => Dataset::load(&args.data, Split::Test).ok().filter(|t| {
+            (t.channels, t.height, t.width) == state.input_chw && t.origin != train_set.origin
+        }),
+    };
+    let line = refit_heads_and_score(
         &mut model,
         &mut state,
         &train_set,
         test_set.as_ref(),
         &refit,
-        &args.checkpoint,
         !args.quiet,
     )?;
-    let bundle_path = args.bundle.unwrap_or_else(|| args.checkpoint.join("model.scb"));
-    // The bundle records both steps that made it.
-    let command_line = format!(
-        "{}; {}",
-        recorded_command_line(&state.command_line),
-        recorded_command_line(&std::env::args().collect::<Vec<_>>().join(" "))
-    );
-    let bundle = export::build_bundle(&mut model, &state, &train_set, args.anchors, &command_line)?;
+    // The bundle first, then the checkpoint: a failure or a kill in between leaves the
+    // checkpoint as it was, and running the same command again gives the same heads.
+    let bundle =
+        export::build_bundle(&mut model, &state, &train_set, args.anchors, &provenance(&state))?;
     bundle.save(&bundle_path)?;
+    train::update_checkpoint(&args.checkpoint, &mut model, &state)?;
+    println!("{line}");
     tracing::info!(path = %bundle_path.display(), "bundle written");
     Ok(())
 }
@@ -647,9 +756,8 @@ fn export_command(args: ExportArgs, device: &Device) -> Result<()> {
             origin: PathBuf::new(),
         },
     };
-    let command_line = recorded_command_line(&state.command_line);
     let bundle =
-        export::build_bundle(&mut model, &state, &anchors_from, args.anchors, &command_line)?;
+        export::build_bundle(&mut model, &state, &anchors_from, args.anchors, &provenance(&state))?;
     bundle.save(&args.out)?;
     if let Some(onnx) = &args.onnx {
         let bytes = export::onnx_bytes(&mut model, state.input_chw)?;

@@ -58,28 +58,43 @@ impl Default for RefitConfig {
 impl RefitConfig {
     /// Checks the settings before any work.
     pub fn validate(&self) -> Result<()> {
-        if self.restarts > 0 && (self.epochs == 0 || self.views < 2) {
-            return Err(Error::config(
-                "a head refit needs at least one epoch and two views per image",
-            ));
+        if self.restarts > MAX_RESTARTS {
+            return Err(Error::config(format!(
+                "--refit-restarts {} is more than {MAX_RESTARTS}",
+                self.restarts
+            )));
+        }
+        if self.restarts == 0 {
+            return Ok(());
+        }
+        if self.epochs == 0 {
+            return Err(Error::config("--refit-epochs must be at least 1"));
+        }
+        if !(2..=MAX_VIEWS).contains(&self.views) {
+            return Err(Error::config(format!(
+                "--refit-views {} is outside 2 to {MAX_VIEWS} (each step pairs two views)",
+                self.views
+            )));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::config(format!(
-                "refit learning rate must be positive, got {}",
-                self.lr
-            )));
+            return Err(Error::config(format!("--refit-lr must be positive, got {}", self.lr)));
         }
         Ok(())
     }
 }
+
+/// Most random starts per head.
+pub const MAX_RESTARTS: usize = 1000;
+/// Most views per image (their embeddings are held in memory: views x images x dim floats).
+pub const MAX_VIEWS: usize = 32;
 
 /// What the refit did to one head; printed as part of one JSON line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadRefit {
     /// Classes of the head.
     pub classes: usize,
-    /// Final loss of every candidate: first the head trained with the backbone, then the
-    /// random starts in order.
+    /// Final loss of every candidate: first the run's current head (as trained with the
+    /// backbone, or as an earlier refit left it), then the random starts in order.
     pub losses: Vec<f64>,
     /// Index into `losses` of the candidate kept.
     pub chosen: usize,
@@ -122,6 +137,9 @@ pub struct RefitRecord {
     pub heads: Vec<HeadRefit>,
     /// Seconds taken, embedding included.
     pub seconds: f64,
+    /// The command that ran the refit (empty when unknown).
+    #[serde(default)]
+    pub command_line: String,
 }
 
 /// Everything a fit needs besides the starting head.
@@ -169,11 +187,17 @@ pub fn refit_heads(
         },
     };
     let bar = bar(progress, (model.heads.len() * (refit.restarts + 1)) as u64, "refit heads");
-    let mut record = RefitRecord { config: *refit, heads: Vec::new(), seconds: 0.0 };
+    let mut record = RefitRecord {
+        config: *refit,
+        heads: Vec::new(),
+        seconds: 0.0,
+        command_line: String::new(),
+    };
     for index in 0..model.heads.len() {
         let trained = head_of(model, index)?;
         let classes = trained.classes();
-        // Candidate 0 is the trained head, scored as it is; the others start at random.
+        // Candidate 0 is the run's current head (as trained, or an earlier refit's), scored
+        // as it is; the others start at random.
         let candidates: Vec<(Head<f32>, f64)> = (0..=refit.restarts)
             .into_par_iter()
             .map(|start| {
@@ -368,7 +392,9 @@ fn fit_head(head: Head<f32>, fit: &FitData, refit: &RefitConfig, seed: u64) -> R
         order.shuffle(&mut rng);
         for (step, rows) in order.chunks_exact(fit.batch_size).enumerate() {
             adapter.set_learning_rate(schedule.lr_at(epoch * steps_per_epoch + step));
-            adapter.step_on(&pair(fit, rows, &mut rng)).ctx("refit step")?;
+            adapter.step_on(&pair(fit, rows, &mut rng)).map_err(|e| {
+                Error::config(format!("a refit start diverged ({e}); lower --refit-lr"))
+            })?;
         }
     }
     Ok(adapter.heads()[0].clone())

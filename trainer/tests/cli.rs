@@ -212,6 +212,29 @@ fn refit_a_finished_run() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("two views"), "{}", stderr(&out));
 
+    // A bundle path that cannot work, or test data that is not there, is refused before
+    // any work, and the run is left as it was.
+    let state_before = std::fs::read(run.join("checkpoint.json")).expect("state");
+    let tensors_before = std::fs::read(run.join("checkpoint.safetensors")).expect("tensors");
+    let own_file = run.join("checkpoint.json");
+    let missing_dir = dir.path().join("no/such/dir/m.scb");
+    let refused: [(&[&str], &str); 4] = [
+        (&["--bundle", own_file.to_str().expect("utf-8")], "the run's checkpoint"),
+        (&["--bundle", missing_dir.to_str().expect("utf-8")], "does not exist"),
+        (&["--bundle", run_arg], "is a directory"),
+        (&["--test-data", "/nonexistent/test"], "/nonexistent/test"),
+    ];
+    for (extra, message) in refused {
+        let mut args = vec!["refit", "--checkpoint", run_arg, "--data", data, "--quiet"];
+        args.extend_from_slice(extra);
+        let out = sc_train(&args);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(stderr(&out).contains(message), "{extra:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{extra:?} printed a result");
+        assert_eq!(std::fs::read(run.join("checkpoint.json")).expect("state"), state_before);
+        assert_eq!(std::fs::read(run.join("checkpoint.safetensors")).expect("t"), tensors_before);
+    }
+
     // The refit rewrites checkpoint and bundle and records itself.
     let before = std::fs::read(run.join("model.scb")).expect("bundle");
     let out = sc_train(&[
@@ -238,6 +261,15 @@ fn refit_a_finished_run() {
     let (a, b) = (eval(&run), eval(&run.join("model.scb")));
     assert!((a - b).abs() < 0.02, "checkpoint {a} vs bundle {b}");
     assert!((a - line["test"]["acc"].as_f64().expect("acc")).abs() < 1e-9);
+
+    // A bundle exported again from the refitted checkpoint still says how it was made.
+    let exported = dir.path().join("again.scb");
+    let out =
+        sc_train(&["export", "--checkpoint", run_arg, "--out", exported.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "export failed: {}", stderr(&out));
+    let bytes = std::fs::read(&exported).expect("bundle");
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("sc-train refit --checkpoint"), "the refit is not recorded");
 }
 
 #[test]
