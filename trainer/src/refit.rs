@@ -7,8 +7,8 @@
 //! Why: the loss is not convex in a head's weights, and a head trained jointly with the
 //! backbone settles into one of several balanced partitions of the embedding space. On
 //! Fashion-MNIST, heads fitted from different starts on the same frozen embeddings span
-//! about 0.49 to 0.71 in ACC, and their final loss ranks them: the lowest-loss starts are
-//! the most accurate (the model card has the figures). Each fit is cheap (a few seconds on a
+//! about 0.53 to 0.71 in ACC, and their final loss ranks them roughly: the lowest-loss
+//! starts are among the most accurate (the model card has the figures). Each fit is cheap (a few seconds on a
 //! laptop core) next to an epoch of training.
 
 use candle_core::Tensor;
