@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::context::{interleave, Context, Section};
 use crate::peers::{script, Peer};
-use crate::plot::{self, Chart, Series};
+use crate::plot::{Chart, Series};
 use crate::stats::{ratios, time_block, Summary};
 use crate::table::{Figure, Row, Target, Unit};
 
@@ -179,9 +179,7 @@ fn scaling(
         log2_x: true,
         series,
     };
-    let path = ctx.plots.join("adapt-step-by-batch.png");
-    plot::draw(&path, &by_batch, (900, 560))?;
-    section.charts.push((by_batch, path));
+    section.add_chart(&ctx.plots, "adapt-step-by-batch.png", by_batch)?;
 
     let class_counts: &[usize] =
         if ctx.effort.quick { &[10, 80, 640] } else { &[10, 20, 40, 80, 160, 320, 640] };
@@ -201,8 +199,6 @@ fn scaling(
             Series { name: "PyTorch 1 thread".into(), points: torch_pts },
         ],
     };
-    let path = ctx.plots.join("adapt-step-by-classes.png");
-    plot::draw(&path, &by_classes, (900, 560))?;
-    section.charts.push((by_classes, path));
+    section.add_chart(&ctx.plots, "adapt-step-by-classes.png", by_classes)?;
     Ok(())
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use selfclass_runtime::bundle::Bundle;
 
 use crate::context::{Context, Section};
-use crate::plot::{self, Chart, Series};
+use crate::plot::{Chart, Series};
 use crate::stats::Summary;
 use crate::table::{Figure, Row, Unit};
 
@@ -254,9 +254,7 @@ fn resolution(ctx: &Context, agent: &Path, section: &mut Section) -> Result<()> 
             Series { name: "adaptation off".into(), points: without },
         ],
     };
-    let path = ctx.plots.join("agent-by-resolution.png");
-    plot::draw(&path, &chart, (900, 560))?;
-    section.charts.push((chart, path));
+    section.add_chart(&ctx.plots, "agent-by-resolution.png", chart)?;
     Ok(())
 }
 

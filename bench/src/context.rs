@@ -71,6 +71,16 @@ pub struct Section {
     pub charts: Vec<(Chart, PathBuf)>,
 }
 
+impl Section {
+    /// Draws `chart` as `dir/file` (900 x 560 pixels) and keeps it for the report.
+    pub fn add_chart(&mut self, dir: &Path, file: &str, chart: Chart) -> anyhow::Result<()> {
+        let path = dir.join(file);
+        crate::plot::draw(&path, &chart, (900, 560))?;
+        self.charts.push((chart, path));
+        Ok(())
+    }
+}
+
 /// Alternates which side goes first in a round, so neither always runs on a warmer or
 /// cooler machine.
 pub fn interleave<A, B>(

@@ -742,6 +742,7 @@ fn refit_command(args: RefitArgs, device: &Device) -> Result<()> {
 }
 
 fn export_command(args: ExportArgs, device: &Device) -> Result<()> {
+    check_bundle_path(&args.out, &args.checkpoint)?;
     let (mut model, state) = train::load_model(&args.checkpoint, device)?;
     let anchors_from = match &args.data {
         Some(path) => Dataset::load(path, Split::Train)?,

@@ -262,6 +262,12 @@ fn refit_a_finished_run() {
     assert!((a - b).abs() < 0.02, "checkpoint {a} vs bundle {b}");
     assert!((a - line["test"]["acc"].as_f64().expect("acc")).abs() < 1e-9);
 
+    // export refuses to write its bundle over the checkpoint, as refit does.
+    let out =
+        sc_train(&["export", "--checkpoint", run_arg, "--out", own_file.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the run's checkpoint"), "{}", stderr(&out));
+
     // A bundle exported again from the refitted checkpoint still says how it was made.
     let exported = dir.path().join("again.scb");
     let out =
