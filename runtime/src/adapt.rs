@@ -44,13 +44,13 @@
 //! # Ok::<(), selfclass_runtime::Error>(())
 //! ```
 
-use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis, NdFloat};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::head::{argmax, Head};
 use crate::loss::{class_major_loss, LossParams, LossWork};
+use crate::matmul::mat_mul;
 use crate::replay::ReplayBuffer;
 use crate::{Error, Result};
 
@@ -308,7 +308,7 @@ impl<F: NdFloat> ObjectiveWork<F> {
             logits.resize(total * batch, F::zero());
             let mut out = ArrayViewMut2::from_shape((total, batch), logits.as_mut_slice())
                 .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
-            general_mat_mul(F::one(), &self.stacked, &z.t(), F::zero(), &mut out);
+            mat_mul(F::one(), &self.stacked.view(), &z.t(), F::zero(), &mut out);
         }
         for d in &mut self.d_logits {
             d.resize(total * batch, F::zero());
@@ -335,7 +335,7 @@ impl<F: NdFloat> ObjectiveWork<F> {
         for (z, d_logits) in [&views.0, &views.1].into_iter().zip(&self.d_logits) {
             let d = ArrayView2::from_shape((total, batch), d_logits.as_slice())
                 .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
-            general_mat_mul(weight, &d, z, F::one(), &mut self.d_stacked);
+            mat_mul(weight, &d, &z.view(), F::one(), &mut self.d_stacked.view_mut());
         }
         Ok(loss * weight)
     }

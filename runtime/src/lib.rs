@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod head;
 pub mod idx;
 pub mod loss;
+pub mod matmul;
 pub mod metrics;
 pub mod onnx;
 pub mod preprocess;

@@ -4,8 +4,8 @@
 //!
 //! candle's stock CPU convolution runs its backward pass through a transposed convolution
 //! that is an order of magnitude slower than the forward pass. Here both directions are
-//! one im2col (or col2im) pass plus one large matrix product from the `gemm` crate, which
-//! is what candle itself uses for `matmul`. Batch normalisation is fused into two passes
+//! one im2col (or col2im) pass plus one large matrix product from the `gemm` crate (through
+//! [`selfclass_runtime::matmul`]), which is what candle itself uses for `matmul`. Batch normalisation is fused into two passes
 //! over the activations (statistics, then normalise-scale-shift-ReLU) instead of the half
 //! dozen full-size temporaries that composing it from elementary tensor ops creates.
 //!
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use selfclass_runtime::matmul::strided;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -42,70 +43,6 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> C
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
-    }
-}
-
-/// `c = a * b` for row-major slices via `gemm`, with explicit strides: element `(i, j)` of
-/// a matrix with strides `(rs, cs)` sits at `i * rs + j * cs`.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_strides: (usize, usize),
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-) {
-    let last = |(rs, cs): (usize, usize), rows: usize, cols: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(dst.len() >= last(dst_strides, m, n), "matmul: destination too small");
-    assert!(lhs.len() >= last(lhs_strides, m, k), "matmul: left operand too small");
-    assert!(rhs.len() >= last(rhs_strides, k, n), "matmul: right operand too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                dst[i * dst_strides.0 + j * dst_strides.1] = 0.0;
-            }
-        }
-        return;
-    }
-    // Callers run one product per rayon task, so the product itself stays single-threaded.
-    let parallelism = gemm::Parallelism::None;
-    // SAFETY: the asserts above check that every element the strides address lies inside
-    // its slice; `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_strides.1 as isize,
-            dst_strides.0 as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_strides.1 as isize,
-            lhs_strides.0 as isize,
-            rhs.as_ptr(),
-            rhs_strides.1 as isize,
-            rhs_strides.0 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 
@@ -340,10 +277,8 @@ impl CustomOp2 for Conv2dOp {
                     product.clear();
                     product.resize(out_c * width, 0.0);
                     // (out_c x patch) weight times (patch x width) patches.
-                    matmul(
-                        out_c,
-                        width,
-                        patch,
+                    strided(
+                        (out_c, width, patch),
                         product,
                         (width, 1),
                         weight,
@@ -392,10 +327,8 @@ impl CustomOp2 for Conv2dOp {
                             .to_vec();
                         regroup(&mut dy_rows, &mut dy_images, out_c, pixels, false);
                         // d weight (out_c x patch) = dy (out_c x width) times patches^T.
-                        matmul(
-                            out_c,
-                            patch,
-                            width,
+                        strided(
+                            (out_c, patch, width),
                             partial,
                             (patch, 1),
                             &dy_rows,
@@ -405,10 +338,8 @@ impl CustomOp2 for Conv2dOp {
                         );
                         if let Some(dx) = dx {
                             // d patches (patch x width) = weight^T (patch x out_c) times dy.
-                            matmul(
-                                patch,
-                                width,
-                                out_c,
+                            strided(
+                                (patch, width, out_c),
                                 &mut cols,
                                 (width, 1),
                                 w,
