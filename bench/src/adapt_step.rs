@@ -50,10 +50,17 @@ fn adapter(heads: Vec<Head<f32>>) -> Result<Adapter> {
     Ok(Adapter::new(heads, params)?)
 }
 
-/// Median seconds of selfclass's step on a batch of `n` pairs.
-fn ours(heads: Vec<Head<f32>>, n: usize, iters: usize, rng: &mut StdRng) -> Result<f64> {
+/// Median seconds of selfclass's step on a batch of `n` pairs, on `threads` threads.
+fn ours(
+    heads: Vec<Head<f32>>,
+    n: usize,
+    threads: usize,
+    iters: usize,
+    rng: &mut StdRng,
+) -> Result<f64> {
     let dim = heads[0].dim();
     let mut adapter = adapter(heads)?;
+    adapter.set_threads(threads);
     let batch = Batch { stream: views(rng, n, dim), anchors: None };
     time_block(3, iters, || adapter.step_on(&batch).map(|_| ()))
         .context("selfclass adaptation step")
@@ -99,7 +106,7 @@ pub fn run(ctx: &Context) -> Result<Section> {
         for round in 0..ctx.effort.rounds {
             let (x, y) = interleave(
                 round,
-                || ours(heads.clone(), BATCH, iters, &mut rng),
+                || ours(heads.clone(), BATCH, threads, iters, &mut rng),
                 || theirs(&mut peer, &classes, BATCH, threads, iters),
             )?;
             a.push(x);
@@ -108,9 +115,7 @@ pub fn run(ctx: &Context) -> Result<Section> {
         tracing::info!(threads, ours = ?a, pytorch = ?b, "adaptation step");
         section.rows.push(Row {
             comparison: NAME.into(),
-            case: format!(
-                "batch {BATCH}x2 views, heads {classes:?}; selfclass 1 thread, PyTorch {threads}"
-            ),
+            case: format!("batch {BATCH}x2 views, heads {classes:?}; {threads} thread(s) each"),
             ours: Figure::new(Summary::of(&a).context("no timing")?, Unit::Seconds),
             peer: Some((
                 "PyTorch".into(),
@@ -125,7 +130,10 @@ pub fn run(ctx: &Context) -> Result<Section> {
          uniform-prior loss of both ordered view pairs averaged over heads, its exact gradient \
          with respect to every head's directions and scales, one Adam update (selfclass: \
          `Adapter::step_on` with no anchors; PyTorch: autograd and `torch.optim.Adam`, \
-         `bench/peers/torch_adapt.py`). selfclass runs the step on one thread."
+         `bench/peers/torch_adapt.py`). Both sides get the same threads: PyTorch through \
+         `torch.set_num_threads`, selfclass through `Adapter::set_threads` (at 2, the heads \
+         are split in two groups of about equal rows that run at the same time). The \
+         scaling charts run selfclass on one thread."
             .into(),
     );
 
@@ -158,7 +166,7 @@ fn scaling(
                 continue;
             }
             let iters = ctx.effort.iters((20_000 / n).clamp(5, 100));
-            let t = ours(random_heads(rng, classes, dim)?, n, iters, rng)?;
+            let t = ours(random_heads(rng, classes, dim)?, n, 1, iters, rng)?;
             points.push((n as f64, t * 1e3));
         }
         series.push(Series { name: format!("selfclass, {name}"), points });
@@ -186,7 +194,7 @@ fn scaling(
     let (mut ours_pts, mut torch_pts) = (Vec::new(), Vec::new());
     for &c in class_counts {
         let iters = ctx.effort.iters(50);
-        ours_pts.push((c as f64, ours(random_heads(rng, &[c], dim)?, BATCH, iters, rng)? * 1e3));
+        ours_pts.push((c as f64, ours(random_heads(rng, &[c], dim)?, BATCH, 1, iters, rng)? * 1e3));
         torch_pts.push((c as f64, theirs(peer, &[c], BATCH, 1, iters)? * 1e3));
     }
     let by_classes = Chart {

@@ -237,6 +237,8 @@ struct ObjectiveWork<F> {
     d_logits: [Vec<F>; 2],
     /// One per head, so that each keeps its shapes from step to step.
     loss: Vec<LossWork<F>>,
+    /// Threads a step may use (1 or 2: see [`ObjectiveWork::pair_loss`]).
+    threads: usize,
 }
 
 // Written out: deriving `Default` would ask it of `F`.
@@ -248,6 +250,7 @@ impl<F: NdFloat> Default for ObjectiveWork<F> {
             logits: [Vec::new(), Vec::new()],
             d_logits: [Vec::new(), Vec::new()],
             loss: Vec::new(),
+            threads: 1,
         }
     }
 }
@@ -284,6 +287,9 @@ impl<F: NdFloat> ObjectiveWork<F> {
     /// `d_stacked`. Each view's logits for every head come from one matrix product,
     /// `stacked z^T`, already class by class, and the gradient from one more,
     /// `d_logits z`; no gradient with respect to the frozen embeddings is formed.
+    ///
+    /// With `threads` above 1 the heads are split in two groups of about equal rows, whose
+    /// products and losses run at the same time: they share no memory.
     fn pair_loss(
         &mut self,
         heads: &[Head<F>],
@@ -304,40 +310,108 @@ impl<F: NdFloat> ObjectiveWork<F> {
                 ),
             ));
         }
-        for (z, logits) in [&views.0, &views.1].into_iter().zip(&mut self.logits) {
-            logits.resize(total * batch, F::zero());
-            let mut out = ArrayViewMut2::from_shape((total, batch), logits.as_mut_slice())
-                .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
-            mat_mul(F::one(), &self.stacked.view(), &z.t(), F::zero(), &mut out);
+        for buf in self.logits.iter_mut().chain(&mut self.d_logits) {
+            buf.resize(total * batch, F::zero());
         }
-        for d in &mut self.d_logits {
-            d.resize(total * batch, F::zero());
-        }
-
-        let head_weight = F::one() / F::from(heads.len()).unwrap_or_else(F::one);
-        let mut loss = F::zero();
         self.loss.resize_with(heads.len(), LossWork::default);
-        for ((head, &at), work) in heads.iter().zip(offsets).zip(&mut self.loss) {
-            let rows = at * batch..(at + head.classes()) * batch;
+        let head_weight = F::one() / F::from(heads.len()).unwrap_or_else(F::one);
+        let shared = Shared { views, weight, head_weight, params };
+
+        // The first head of the second group: where the rows come closest to half.
+        let split = if self.threads > 1 && heads.len() > 1 {
+            (1..heads.len()).min_by_key(|&h| offsets[h].abs_diff(total - offsets[h])).unwrap_or(1)
+        } else {
+            heads.len()
+        };
+        let rows = offsets.get(split).copied().unwrap_or(total);
+        let (stacked_a, stacked_b) = self.stacked.view().split_at(Axis(0), rows);
+        let (d_stacked_a, d_stacked_b) = self.d_stacked.view_mut().split_at(Axis(0), rows);
+        let [l0, l1] = &mut self.logits;
+        let [d0, d1] = &mut self.d_logits;
+        let (l0a, l0b) = l0.split_at_mut(rows * batch);
+        let (l1a, l1b) = l1.split_at_mut(rows * batch);
+        let (d0a, d0b) = d0.split_at_mut(rows * batch);
+        let (d1a, d1b) = d1.split_at_mut(rows * batch);
+        let (loss_a, loss_b) = self.loss.split_at_mut(split);
+        let first = HeadGroup {
+            heads: &heads[..split],
+            stacked: stacked_a,
+            d_stacked: d_stacked_a,
+            logits: [l0a, l1a],
+            d_logits: [d0a, d1a],
+            loss: loss_a,
+        };
+        if split == heads.len() {
+            return first.loss(&shared);
+        }
+        let second = HeadGroup {
+            heads: &heads[split..],
+            stacked: stacked_b,
+            d_stacked: d_stacked_b,
+            logits: [l0b, l1b],
+            d_logits: [d0b, d1b],
+            loss: loss_b,
+        };
+        let (a, b) = rayon::join(|| first.loss(&shared), || second.loss(&shared));
+        Ok(a? + b?)
+    }
+}
+
+/// What every group of heads of one [`ObjectiveWork::pair_loss`] reads.
+struct Shared<'a, F> {
+    views: &'a (Array2<F>, Array2<F>),
+    weight: F,
+    head_weight: F,
+    params: &'a LossParams,
+}
+
+/// Consecutive heads and their rows of the stacked weights, logits and gradients.
+struct HeadGroup<'a, F> {
+    heads: &'a [Head<F>],
+    stacked: ArrayView2<'a, F>,
+    d_stacked: ArrayViewMut2<'a, F>,
+    /// Per view, class by class (`rows x N`).
+    logits: [&'a mut [F]; 2],
+    d_logits: [&'a mut [F]; 2],
+    loss: &'a mut [LossWork<F>],
+}
+
+impl<F: NdFloat> HeadGroup<'_, F> {
+    /// The group's share of [`ObjectiveWork::pair_loss`]: its heads' losses (each times
+    /// the head weight, summed, times the pair weight) and their gradient, added to its
+    /// rows of `d_stacked`.
+    fn loss(mut self, shared: &Shared<F>) -> Result<F> {
+        let (rows, batch) = (self.stacked.nrows(), shared.views.0.nrows());
+        let shape_error =
+            |e: ndarray::ShapeError| Error::invalid("adaptation objective", e.to_string());
+        let views = [&shared.views.0, &shared.views.1];
+        for (z, logits) in views.into_iter().zip(&mut self.logits) {
+            let mut out =
+                ArrayViewMut2::from_shape((rows, batch), logits).map_err(shape_error)?;
+            mat_mul(F::one(), &self.stacked, &z.t(), F::zero(), &mut out);
+        }
+        let mut loss = F::zero();
+        let mut at = 0;
+        for (head, work) in self.heads.iter().zip(self.loss.iter_mut()) {
+            let span = at * batch..(at + head.classes()) * batch;
+            at += head.classes();
             let [l0, l1] = &self.logits;
             let [d0, d1] = &mut self.d_logits;
             let head_loss = class_major_loss(
-                &[&l0[rows.clone()], &l1[rows.clone()]],
+                &[&l0[span.clone()], &l1[span.clone()]],
                 (head.classes(), batch),
-                params,
-                head_weight,
+                shared.params,
+                shared.head_weight,
                 work,
-                &mut [&mut d0[rows.clone()], &mut d1[rows]],
+                &mut [&mut d0[span.clone()], &mut d1[span]],
             )?;
-            loss += head_loss * head_weight;
+            loss += head_loss * shared.head_weight;
         }
-
-        for (z, d_logits) in [&views.0, &views.1].into_iter().zip(&self.d_logits) {
-            let d = ArrayView2::from_shape((total, batch), d_logits.as_slice())
-                .map_err(|e| Error::invalid("adaptation objective", e.to_string()))?;
-            mat_mul(weight, &d, &z.view(), F::one(), &mut self.d_stacked.view_mut());
+        for (z, d_logits) in views.into_iter().zip(&self.d_logits) {
+            let d = ArrayView2::from_shape((rows, batch), d_logits).map_err(shape_error)?;
+            mat_mul(shared.weight, &d, &z.view(), F::one(), &mut self.d_stacked);
         }
-        Ok(loss * weight)
+        Ok(loss * shared.weight)
     }
 }
 
@@ -624,6 +698,13 @@ impl Adapter {
     /// (the trainer's head refit decays it over its passes).
     pub fn set_learning_rate(&mut self, learning_rate: f64) {
         self.params.learning_rate = learning_rate;
+    }
+
+    /// Threads a step may use: 1 (the default) runs it on the caller's thread; 2 or more
+    /// split the heads in two groups that run at the same time (one on rayon's pool), for
+    /// devices with a core to spare beside inference. Results do not depend on it.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.work.threads = threads.max(1);
     }
 
     /// The heads as adapted so far.
@@ -1077,9 +1158,11 @@ mod tests {
             distill: 0.0,
             loss: LossParams::default(),
         };
-        let mut work = ObjectiveWork::default();
         let real = |x: F| x.to_f64().unwrap_or(f64::NAN);
-        for batch in batches {
+        // One thread, and the heads split over two (a single head stays on one).
+        for (threads, batch) in [1, 2].into_iter().flat_map(|t| batches.iter().map(move |b| (t, b)))
+        {
+            let mut work = ObjectiveWork { threads, ..ObjectiveWork::default() };
             let (parts, grads) =
                 objective_with(&mut work, heads, heads, batch, &weights).expect("ok");
             let (stream, mut want) =
@@ -1157,5 +1240,38 @@ mod tests {
             })
             .collect();
         check_buffered_objective(&heads32, &batches32, 1e-4);
+    }
+
+    /// Two threads take the same steps as one, to rounding.
+    #[test]
+    fn two_threads_adapt_like_one() {
+        let mut rng = StdRng::seed_from_u64(32);
+        let dim = 16;
+        let heads: Vec<Head<f32>> = [10, 20, 40, 80]
+            .iter()
+            .map(|&c| {
+                let h = random_head(&mut rng, c, dim);
+                Head::new(h.v.mapv(|x| x as f32), h.g.mapv(|x| x as f32)).expect("head")
+            })
+            .collect();
+        let batches: Vec<Batch<f32>> = batches_of(&mut rng, dim, &[(320, false); 5])
+            .iter()
+            .map(|b| Batch {
+                stream: (b.stream.0.mapv(|v| v as f32), b.stream.1.mapv(|v| v as f32)),
+                anchors: None,
+            })
+            .collect();
+        let params = AdaptParams { batch_size: 320, anchor_batch: 0, ..AdaptParams::default() };
+        let mut one = Adapter::new(heads.clone(), params).expect("adapter");
+        let mut two = Adapter::new(heads, params).expect("adapter");
+        two.set_threads(2);
+        for batch in &batches {
+            let (a, b) = (one.step_on(batch).expect("step"), two.step_on(batch).expect("step"));
+            assert!((a.loss - b.loss).abs() < 1e-5 * a.loss.abs(), "loss {} vs {}", a.loss, b.loss);
+        }
+        for (a, b) in one.heads().iter().zip(two.heads()) {
+            let diff = (&a.weights() - &b.weights()).iter().fold(0f32, |m, d| m.max(d.abs()));
+            assert!(diff < 1e-5, "heads differ by {diff}");
+        }
     }
 }
