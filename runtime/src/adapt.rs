@@ -386,8 +386,7 @@ impl<F: NdFloat> HeadGroup<'_, F> {
             |e: ndarray::ShapeError| Error::invalid("adaptation objective", e.to_string());
         let views = [&shared.views.0, &shared.views.1];
         for (z, logits) in views.into_iter().zip(&mut self.logits) {
-            let mut out =
-                ArrayViewMut2::from_shape((rows, batch), logits).map_err(shape_error)?;
+            let mut out = ArrayViewMut2::from_shape((rows, batch), logits).map_err(shape_error)?;
             mat_mul(F::one(), &self.stacked, &z.t(), F::zero(), &mut out);
         }
         let mut loss = F::zero();

@@ -1,6 +1,7 @@
 //! Pieces for writing the ONNX graphs the runtime loads (the trainer's export, the test
 //! fixtures): the graph's inputs and outputs are f32 tensors whose first dimension is the
-//! symbolic batch `N`, which [`crate::backbone::Backbone`] keeps symbolic.
+//! symbolic batch `N` (any batch size for other engines; [`crate::backbone::Backbone`] runs
+//! the graph one image at a time).
 
 use tract_onnx::pb::{
     tensor_proto::DataType, tensor_shape_proto::dimension::Value as DimValue,
