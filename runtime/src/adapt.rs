@@ -700,8 +700,10 @@ impl Adapter {
     }
 
     /// Threads a step may use: 1 (the default) runs it on the caller's thread; 2 or more
-    /// split the heads in two groups that run at the same time (one on rayon's pool), for
-    /// devices with a core to spare beside inference. Results do not depend on it.
+    /// split the heads in two groups that run at the same time on rayon's global pool (one
+    /// thread per core, started on the first such step), for devices with a core to spare
+    /// beside inference. Steps agree with one thread's to rounding (the products are split
+    /// by rows and the loss is summed in another order).
     pub fn set_threads(&mut self, threads: usize) {
         self.work.threads = threads.max(1);
     }
@@ -1148,8 +1150,8 @@ mod tests {
     }
 
     /// Checks the buffered objective against [`reference_prior_part`] on stream and anchor
-    /// batches of several sizes, one work buffer reused throughout; `tol` is relative to
-    /// the largest gradient entry.
+    /// batches of several sizes, one work buffer per thread count reused throughout; `tol`
+    /// is relative to the largest gradient entry.
     fn check_buffered_objective<F: NdFloat>(heads: &[Head<F>], batches: &[Batch<F>], tol: f64) {
         let weights = ObjectiveWeights {
             anchor_weight: 0.6,
@@ -1157,13 +1159,24 @@ mod tests {
             distill: 0.0,
             loss: LossParams::default(),
         };
-        let real = |x: F| x.to_f64().unwrap_or(f64::NAN);
-        // One thread, and the heads split over two (a single head stays on one).
-        for (threads, batch) in [1, 2].into_iter().flat_map(|t| batches.iter().map(move |b| (t, b)))
-        {
+        // One thread, and the heads split over two; one work buffer per thread count,
+        // reused over every batch.
+        for threads in [1, 2] {
             let mut work = ObjectiveWork { threads, ..ObjectiveWork::default() };
-            let (parts, grads) =
-                objective_with(&mut work, heads, heads, batch, &weights).expect("ok");
+            check_batches(&mut work, heads, batches, &weights, tol);
+        }
+    }
+
+    fn check_batches<F: NdFloat>(
+        work: &mut ObjectiveWork<F>,
+        heads: &[Head<F>],
+        batches: &[Batch<F>],
+        weights: &ObjectiveWeights,
+        tol: f64,
+    ) {
+        let real = |x: F| x.to_f64().unwrap_or(f64::NAN);
+        for batch in batches {
+            let (parts, grads) = objective_with(work, heads, heads, batch, weights).expect("ok");
             let (stream, mut want) =
                 reference_prior_part(heads, &batch.stream, F::one(), &weights.loss);
             let mut want_loss = real(stream);

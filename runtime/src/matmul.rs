@@ -13,7 +13,8 @@ pub type Strides = (usize, usize);
 
 /// `c = alpha a b + beta c` for `a` of shape `m x k`, `b` of shape `k x n`, `c` of shape
 /// `m x n`, any (non-negative) strides. With `beta` zero, `c` is only written, never read,
-/// so it may hold anything beforehand (NaN included).
+/// so it may hold anything beforehand (NaN included). The product is always formed: with
+/// `alpha` zero, a non-finite operand still makes `c` non-finite.
 ///
 /// Panics if the shapes do not chain, as `general_mat_mul` does: shapes are the caller's
 /// invariant, never input from outside the process.
@@ -59,7 +60,8 @@ pub fn mat_mul<F: NdFloat>(
 /// strides `(rs, cs)` sits at `i * rs + j * cs` of its slice. `a` is `m x k`, `b` is
 /// `k x n`, `c` is `m x n`, and `c` is only written.
 ///
-/// Panics if a slice is too short for its shape and strides.
+/// Panics if a slice is too short for its shape and strides (or their extent overflows), or
+/// if the destination's strides make two of its elements the same.
 #[allow(clippy::too_many_arguments)]
 pub fn strided(
     (m, n, k): (usize, usize, usize),
@@ -70,16 +72,26 @@ pub fn strided(
     b: &[f32],
     b_strides: Strides,
 ) {
-    let last = |(rs, cs): Strides, rows: usize, cols: usize| {
+    // One past the last element addressed, or `None` when that overflows.
+    let last = |(rs, cs): Strides, rows: usize, cols: usize| -> Option<usize> {
         if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
+            return Some(0);
         }
+        (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)?.checked_add(1)
     };
-    assert!(c.len() >= last(c_strides, m, n), "matmul: destination too small");
-    assert!(a.len() >= last(a_strides, m, k), "matmul: left operand too small");
-    assert!(b.len() >= last(b_strides, k, n), "matmul: right operand too small");
+    let fits = |len: usize, strides: Strides, rows: usize, cols: usize| {
+        last(strides, rows, cols).is_some_and(|end| end <= len)
+    };
+    assert!(fits(c.len(), c_strides, m, n), "matmul: destination too small");
+    assert!(fits(a.len(), a_strides, m, k), "matmul: left operand too small");
+    assert!(fits(b.len(), b_strides, k, n), "matmul: right operand too small");
+    // Distinct destination elements: along each axis longer than one, a non-zero stride,
+    // and one axis's stride past the other axis's whole extent.
+    let (rs, cs) = c_strides;
+    let distinct = (m <= 1 || rs > 0)
+        && (n <= 1 || cs > 0)
+        && (m <= 1 || n <= 1 || rs > (n - 1) * cs || cs > (m - 1) * rs);
+    assert!(distinct, "matmul: destination strides {c_strides:?} overlap for {m}x{n}");
     if m == 0 || n == 0 {
         return;
     }
@@ -91,7 +103,12 @@ pub fn strided(
         }
         return;
     }
-    let signed = |(rs, cs): Strides| [rs as isize, cs as isize];
+    // Every stride times its axis length fits in the slice's length, so in `isize` too
+    // (slices never exceed `isize::MAX` bytes); an unused axis's stride may not.
+    let signed = |(rs, cs): Strides, rows: usize, cols: usize| {
+        let s = |stride: usize, len: usize| if len <= 1 { 0 } else { stride as isize };
+        [s(rs, rows), s(cs, cols)]
+    };
     // SAFETY: the asserts above check that every element the strides address lies inside
     // its slice; `c` is borrowed mutably, so it aliases neither operand.
     unsafe {
@@ -100,11 +117,11 @@ pub fn strided(
             n,
             k,
             c.as_mut_ptr(),
-            &signed(c_strides),
+            &signed(c_strides, m, n),
             a.as_ptr(),
-            &signed(a_strides),
+            &signed(a_strides, m, k),
             b.as_ptr(),
-            &signed(b_strides),
+            &signed(b_strides, k, n),
             1.0,
             0.0,
         )
@@ -238,5 +255,22 @@ mod tests {
         let a = [1.0f32; 6];
         let mut c = [0.0f32; 3];
         strided((2, 2, 3), &mut c, (2, 1), &a, (3, 1), &a, (2, 1));
+    }
+
+    /// A stride whose extent wraps around `usize` is refused, not wrapped into range.
+    #[test]
+    #[should_panic(expected = "destination too small")]
+    fn strided_refuses_a_stride_that_overflows() {
+        let a = [1.0f32; 2];
+        let mut c = [0.0f32; 1];
+        strided((2, 1, 1), &mut c, (usize::MAX, 1), &a, (1, 1), &a, (1, 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "overlap")]
+    fn strided_refuses_a_destination_whose_elements_overlap() {
+        let a = [1.0f32; 4];
+        let mut c = [0.0f32; 4];
+        strided((2, 2, 1), &mut c, (1, 1), &a, (1, 1), &a, (2, 1));
     }
 }
