@@ -164,12 +164,9 @@ pub fn l2_normalize_rows<F: NdFloat>(z: &mut Array2<F>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::uniform_matrix;
     use ndarray::array;
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-
-    fn random(rng: &mut StdRng, shape: (usize, usize)) -> Array2<f64> {
-        Array2::from_shape_fn(shape, |_| rng.gen_range(-1.0..1.0))
-    }
+    use rand::{rngs::StdRng, SeedableRng};
 
     #[test]
     fn hand_worked_forward() {
@@ -185,9 +182,10 @@ mod tests {
     #[test]
     fn backward_matches_central_differences() {
         let mut rng = StdRng::seed_from_u64(2);
-        let head = Head::new(random(&mut rng, (4, 5)), array![0.5, 1.5, -0.7, 2.0]).expect("valid");
-        let z = random(&mut rng, (3, 5));
-        let upstream = random(&mut rng, (3, 4));
+        let head = Head::new(uniform_matrix(&mut rng, (4, 5)), array![0.5, 1.5, -0.7, 2.0])
+            .expect("valid");
+        let z = uniform_matrix(&mut rng, (3, 5));
+        let upstream = uniform_matrix(&mut rng, (3, 4));
         // A linear functional of the logits, so d f / d logits = upstream.
         let f = |h: &Head<f64>, z: &Array2<f64>| (&h.logits(z.view()) * &upstream).sum();
         let grads = head.backward(z.view(), upstream.view());

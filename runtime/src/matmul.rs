@@ -177,13 +177,10 @@ unsafe fn product<F: NdFloat>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::uniform_matrix;
     use ndarray::{s, Array2};
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-
-    fn random(rng: &mut StdRng, shape: (usize, usize)) -> Array2<f64> {
-        Array2::from_shape_fn(shape, |_| rng.gen_range(-1.0..1.0))
-    }
+    use rand::SeedableRng;
 
     /// Against ndarray's product, over transposed, sliced and accumulating cases, in f64
     /// and f32 (the two types the runtime uses).
@@ -191,9 +188,9 @@ mod tests {
     fn agrees_with_ndarray_on_every_layout() {
         let mut rng = StdRng::seed_from_u64(7);
         for &(m, k, n) in &[(1, 1, 1), (150, 128, 256), (7, 33, 5), (64, 3, 129), (3, 0, 4)] {
-            let a = random(&mut rng, (m, k));
-            let bt = random(&mut rng, (n, k));
-            let c0 = random(&mut rng, (m, n));
+            let a = uniform_matrix(&mut rng, (m, k));
+            let bt = uniform_matrix(&mut rng, (n, k));
+            let c0 = uniform_matrix(&mut rng, (m, n));
             for &(alpha, beta) in &[(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
                 let mut want = c0.clone();
                 general_mat_mul(alpha, &a, &bt.t(), beta, &mut want);
@@ -213,8 +210,8 @@ mod tests {
             }
         }
         // A strided destination: every other column of a wider matrix, the rest untouched.
-        let a = random(&mut rng, (5, 6));
-        let b = random(&mut rng, (6, 4));
+        let a = uniform_matrix(&mut rng, (5, 6));
+        let b = uniform_matrix(&mut rng, (6, 4));
         let mut wide = Array2::<f64>::from_elem((5, 8), 3.0);
         mat_mul(1.0, &a.view(), &b.view(), 0.0, &mut wide.slice_mut(s![.., ..;2]));
         let want = a.dot(&b);
@@ -235,8 +232,8 @@ mod tests {
     #[test]
     fn strided_reads_and_writes_through_the_strides() {
         let mut rng = StdRng::seed_from_u64(8);
-        let a = random(&mut rng, (4, 3)).mapv(|x| x as f32);
-        let b = random(&mut rng, (3, 5)).mapv(|x| x as f32);
+        let a = uniform_matrix(&mut rng, (4, 3)).mapv(|x| x as f32);
+        let b = uniform_matrix(&mut rng, (3, 5)).mapv(|x| x as f32);
         // b stored transposed (column-major), c written transposed.
         let bt: Vec<f32> = b.t().iter().copied().collect();
         let mut c = vec![f32::NAN; 20];

@@ -4,11 +4,17 @@ use crate::bundle::{Bundle, Preprocess, Provenance, ResizePolicy};
 use crate::head::Head;
 use ndarray::{Array1, Array2};
 use prost::Message;
+use rand::Rng;
 use tract_onnx::pb::{
     tensor_proto::DataType, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
 
 use crate::onnx::float_value_info;
+
+/// A matrix of the given shape with entries drawn uniformly from [-1, 1).
+pub fn uniform_matrix<R: Rng + ?Sized>(rng: &mut R, shape: (usize, usize)) -> Array2<f64> {
+    Array2::from_shape_fn(shape, |_| rng.gen_range(-1.0..1.0))
+}
 
 /// A tiny embedding network as ONNX bytes: a 1x4x4 image (symbolic batch `N`) flattened
 /// and multiplied by a fixed 16x8 matrix, giving 8-dimensional embeddings. It loads in
