@@ -1,12 +1,18 @@
-//! The embedding network, run with tract: image batch in, L2-normalised embeddings out.
+//! The embedding network: image batch in, L2-normalised embeddings out.
 //!
-//! The network is optimised once for a batch of one image, and a batch runs image by image
-//! through that plan: with one image, tract gathers each convolution's patches as its
-//! matrix kernels read them (lazy im2col), while with a larger batch it materialises the
-//! whole patch matrix first. Measured on the default model (28 px, one thread, x86-64
-//! AVX-512): 430 µs per image alone, 450 µs in batches of 2 to 16, 600 µs in a batch of 64.
-//! Run states (the buffers a plan computes into) are kept and reused from call to call, one
-//! per concurrent caller.
+//! tract parses and simplifies the ONNX graph. When the simplified graph is a chain of
+//! convolutions and dense layers with global average pooling and L2 normalisation (what
+//! the trainer exports), and the processor has AVX-512 or AVX2 with FMA, the network runs
+//! on selfclass's own register-tiled convolution kernels ([`Engine::Auto`]); the lowered
+//! network is checked against tract's plan on probe images before it is used, and any
+//! other graph, processor or disagreement keeps tract's plan.
+//!
+//! With tract, the network is optimised once for a batch of one image and a batch runs
+//! image by image through that plan (one image lets tract gather each convolution's
+//! patches as its kernels read them; a larger batch materialises the whole patch matrix).
+//! With selfclass's kernels, a whole batch runs layer by layer, its pixels tiled together.
+//! Either way the buffers a call computes into are kept and reused, one set per
+//! concurrent caller.
 //!
 //! ```no_run
 //! use ndarray::Array4;
@@ -22,59 +28,101 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ndarray::{Array2, ArrayView4, Axis};
+use ndarray::{Array2, Array4, ArrayView4, Axis};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
+use crate::convnet::{self, kernel::Isa, ConvNet, Workspace};
 use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Which engine runs the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// selfclass's convolution kernels where the graph and the processor allow them and
+    /// they agree with tract's plan on probe images; tract's plan otherwise.
+    #[default]
+    Auto,
+    /// tract's plan always.
+    Tract,
+}
+
+/// Largest difference allowed between the two engines on a probe image's embedding
+/// (unit vectors): both compute in f32, summing in different orders.
+const PROBE_TOLERANCE: f32 = 1e-4;
+
 /// An optimised embedding network.
 #[derive(Debug, Clone)]
 pub struct Backbone {
-    /// The plan for one image.
-    plan: Plan,
-    /// Run states of `plan` handed back by finished calls.
-    idle: Arc<Mutex<Vec<TypedSimpleState>>>,
+    runner: Runner,
     input_chw: (usize, usize, usize),
     embedding_dim: usize,
     origin: String,
 }
 
+#[derive(Debug, Clone)]
+enum Runner {
+    /// tract's plan for one image, with run states handed back by finished calls.
+    Tract { plan: Plan, idle: Arc<Mutex<Vec<TypedSimpleState>>> },
+    /// selfclass's kernels, with workspaces handed back by finished calls and a thread
+    /// pool per thread count asked for.
+    Kernels {
+        net: Arc<ConvNet>,
+        idle: Arc<Mutex<Vec<Workspace>>>,
+        pools: Arc<Mutex<Vec<Arc<rayon::ThreadPool>>>>,
+    },
+}
+
 impl Backbone {
     /// The network of a model bundle, for the input size its preprocessing declares.
     pub fn from_bundle(bundle: &Bundle) -> Result<Backbone> {
+        Backbone::from_bundle_with(bundle, Engine::Auto)
+    }
+
+    /// Like [`Backbone::from_bundle`], run by `engine`.
+    pub fn from_bundle_with(bundle: &Bundle, engine: Engine) -> Result<Backbone> {
         let p = &bundle.preprocess;
         let chw = (p.channels as usize, p.height as usize, p.width as usize);
-        Backbone::from_proto(&bundle.network_proto()?, Some(chw), "in bundle")
+        Backbone::from_proto(&bundle.network_proto()?, Some(chw), "in bundle", engine)
     }
 
     /// A plain ONNX file as PyTorch exports it: one image input (`N x C x H x W`, fixed or
     /// dynamic batch) and one embedding output.
     pub fn from_onnx_file(path: &Path) -> Result<Backbone> {
+        Backbone::from_onnx_file_with(path, Engine::Auto)
+    }
+
+    /// Like [`Backbone::from_onnx_file`], run by `engine`.
+    pub fn from_onnx_file_with(path: &Path, engine: Engine) -> Result<Backbone> {
         let bytes = std::fs::read(path).map_err(|e| Error::io("reading ONNX network", path, e))?;
-        Backbone::from_onnx_bytes(&bytes, &path.display().to_string())
+        Backbone::from_onnx_bytes_with(&bytes, &path.display().to_string(), engine)
     }
 
     /// Like [`Backbone::from_onnx_file`], from bytes; `origin` names them in errors.
     pub fn from_onnx_bytes(bytes: &[u8], origin: &str) -> Result<Backbone> {
+        Backbone::from_onnx_bytes_with(bytes, origin, Engine::Auto)
+    }
+
+    /// Like [`Backbone::from_onnx_bytes`], run by `engine`.
+    pub fn from_onnx_bytes_with(bytes: &[u8], origin: &str, engine: Engine) -> Result<Backbone> {
         let proto = ModelProto::decode(bytes)
             .map_err(|e| Error::inference(origin, format!("not an ONNX model: {e}")))?;
-        Backbone::from_proto(&proto, None, origin)
+        Backbone::from_proto(&proto, None, origin, engine)
     }
 
     fn from_proto(
         proto: &ModelProto,
         chw: Option<(usize, usize, usize)>,
         origin: &str,
+        engine: Engine,
     ) -> Result<Backbone> {
         // The graph comes from a file; a malformed one must be an error, even where the
         // engine's own checks would abort instead of returning one.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Backbone::build(proto, chw, origin)
+            Backbone::build(proto, chw, origin, engine)
         }))
         .unwrap_or_else(|_| {
             Err(Error::inference(
@@ -88,6 +136,7 @@ impl Backbone {
         proto: &ModelProto,
         chw: Option<(usize, usize, usize)>,
         origin: &str,
+        engine: Engine,
     ) -> Result<Backbone> {
         let fail = |stage: &str, e: &dyn std::fmt::Display| {
             Error::inference(
@@ -113,24 +162,70 @@ impl Backbone {
         model
             .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))
             .map_err(|e| fail("setting the input shape", &e))?;
-        let plan = model
+        let simplified = model
             .into_typed()
             .and_then(|m| m.into_decluttered())
-            .map_err(|e| fail("optimising", &e))?
+            .map_err(|e| fail("optimising", &e))?;
+        let lowered = match (engine, Isa::detect()) {
+            (Engine::Tract, _) => None,
+            (Engine::Auto, None) => {
+                tracing::debug!(origin, "no convolution kernels for this processor; tract runs the network");
+                None
+            }
+            (Engine::Auto, Some(isa)) => match convnet::lower::lower(&simplified, chw, isa) {
+                Ok(net) => Some(net),
+                Err(why) => {
+                    tracing::debug!(origin, why, "tract runs the network");
+                    None
+                }
+            },
+        };
+        let plan = simplified
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| fail("planning", &e))?;
 
         let mut backbone = Backbone {
-            plan,
-            idle: Arc::default(),
+            runner: Runner::Tract { plan, idle: Arc::default() },
             input_chw: chw,
             embedding_dim: 0,
             origin: origin.to_string(),
         };
-        let probe = backbone.run(ndarray::Array4::zeros((1, chw.0, chw.1, chw.2)).view())?;
-        backbone.embedding_dim = probe.ncols();
+        let probes = probe_images(chw);
+        let expected = backbone.run(probes.view(), None)?;
+        backbone.embedding_dim = expected.ncols();
+        if let Some(net) = lowered {
+            let kernels = Backbone {
+                runner: Runner::Kernels {
+                    net: Arc::new(net),
+                    idle: Arc::default(),
+                    pools: Arc::default(),
+                },
+                ..backbone.clone()
+            };
+            let got = kernels.run(probes.view(), None)?;
+            let gap = (&got - &expected).iter().fold(0.0f32, |m, d| m.max(d.abs()));
+            if got.dim() == expected.dim() && gap <= PROBE_TOLERANCE {
+                return Ok(kernels);
+            }
+            tracing::warn!(
+                origin,
+                gap,
+                "selfclass's kernels disagree with tract on probe images; tract runs the network"
+            );
+        }
         Ok(backbone)
+    }
+
+    /// What runs the network: `"selfclass-avx512"`, `"selfclass-avx2"` or `"tract"`.
+    pub fn engine(&self) -> &'static str {
+        match &self.runner {
+            Runner::Tract { .. } => "tract",
+            Runner::Kernels { net, .. } => match net.isa() {
+                Isa::Avx512 => "selfclass-avx512",
+                Isa::Avx2Fma => "selfclass-avx2",
+            },
+        }
     }
 
     /// Channels, height and width of one input image.
@@ -155,17 +250,38 @@ impl Backbone {
         if images.is_empty() {
             return Ok(Array2::zeros((0, self.embedding_dim)));
         }
-        self.run(images)
+        self.run(images, None)
     }
 
-    /// Like [`Backbone::embed`], with the batch split into up to `threads` parts that run
-    /// at the same time, each on its own thread (rows keep their order).
+    /// Like [`Backbone::embed`], on up to `threads` threads at once (rows keep their
+    /// order): selfclass's kernels split each layer's work between them; with tract the
+    /// batch is split into parts.
     pub fn embed_threads(&self, images: ArrayView4<f32>, threads: usize) -> Result<Array2<f32>> {
         let n = images.dim().0;
-        let threads = threads.clamp(1, n.max(1));
-        if threads == 1 {
+        if threads <= 1 || n == 0 {
             return self.embed(images);
         }
+        if let Runner::Kernels { pools, .. } = &self.runner {
+            let (_, c, h, w) = images.dim();
+            if (c, h, w) != self.input_chw {
+                return self.embed(images);
+            }
+            let pool = {
+                let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
+                match pools.iter().find(|p| p.current_num_threads() == threads) {
+                    Some(pool) => pool.clone(),
+                    None => {
+                        let pool = convnet::pool(threads).ok_or_else(|| {
+                            Error::inference(&self.origin, format!("starting {threads} threads"))
+                        })?;
+                        pools.push(pool.clone());
+                        pool
+                    }
+                }
+            };
+            return self.run(images, Some(&pool));
+        }
+        let threads = threads.min(n);
         let chunk = n.div_ceil(threads);
         let parts: Vec<Result<Array2<f32>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = images
@@ -187,14 +303,42 @@ impl Backbone {
             .map_err(|e| Error::inference(&self.origin, format!("joining the parts: {e}")))
     }
 
-    /// Embeds `images` one by one through the plan, into one `N x D` array.
-    fn run(&self, images: ArrayView4<f32>) -> Result<Array2<f32>> {
+    /// Embeds `images` (of the network's input size) into one `N x D` array.
+    fn run(&self, images: ArrayView4<f32>, pool: Option<&rayon::ThreadPool>) -> Result<Array2<f32>> {
+        match &self.runner {
+            Runner::Tract { plan, idle } => self.run_tract(plan, idle, images),
+            Runner::Kernels { net, idle, .. } => {
+                let n = images.dim().0;
+                let input = images.as_standard_layout();
+                let input = input.as_slice().ok_or_else(|| {
+                    Error::inference(&self.origin, "images not in one contiguous block")
+                })?;
+                let mut out = Array2::zeros((n, net.output_len()));
+                let work = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                let mut work = work.unwrap_or_default();
+                let slice = out.as_slice_mut().ok_or_else(|| {
+                    Error::inference(&self.origin, "output not in one contiguous block")
+                })?;
+                net.run(input, n, slice, &mut work, pool);
+                idle.lock().unwrap_or_else(|p| p.into_inner()).push(work);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Embeds `images` one by one through tract's plan.
+    fn run_tract(
+        &self,
+        plan: &Plan,
+        idle: &Mutex<Vec<TypedSimpleState>>,
+        images: ArrayView4<f32>,
+    ) -> Result<Array2<f32>> {
         let fail =
             |what: &str, e: TractError| Error::inference(&self.origin, format!("{what}: {e}"));
-        let state = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let state = idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut state = match state {
             Some(state) => state,
-            None => TypedSimpleState::new(&self.plan).map_err(|e| fail("planning", e))?,
+            None => TypedSimpleState::new(plan).map_err(|e| fail("planning", e))?,
         };
         let mut out: Option<Array2<f32>> = None;
         for (i, image) in images.axis_chunks_iter(Axis(0), 1).enumerate() {
@@ -210,9 +354,22 @@ impl Backbone {
             }
             out.row_mut(i).iter_mut().zip(view.iter()).for_each(|(o, &v)| *o = v);
         }
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(state);
+        idle.lock().unwrap_or_else(|p| p.into_inner()).push(state);
         Ok(out.unwrap_or_else(|| Array2::zeros((0, self.embedding_dim))))
     }
+}
+
+/// Images the two engines are compared on when a network loads: all zeros, and two of
+/// fixed pseudo-random values in [-2, 2] (wider than preprocessed pixels).
+fn probe_images((c, h, w): (usize, usize, usize)) -> Array4<f32> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    Array4::from_shape_fn((3, c, h, w), |(n, ..)| {
+        if n == 0 {
+            return 0.0;
+        }
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    })
 }
 
 /// The `C x H x W` an ONNX model declares for its one non-weight input.

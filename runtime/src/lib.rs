@@ -15,6 +15,7 @@
 pub mod adapt;
 pub mod backbone;
 pub mod bundle;
+mod convnet;
 pub mod discover;
 pub mod error;
 pub mod fsutil;
