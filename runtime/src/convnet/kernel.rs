@@ -12,7 +12,7 @@
 pub(crate) const NR: usize = 32;
 
 /// The largest tile any kernel takes.
-pub(crate) const MAX_PIXELS: usize = 12;
+pub(crate) const MAX_PIXELS: usize = 14;
 
 /// What follows the bias.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,7 +42,7 @@ impl Activation {
 /// The vector instruction set a kernel is written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// 512-bit vectors: tiles of up to 12 pixels by 32 channels (24 accumulators).
+    /// 512-bit vectors: tiles of up to 14 pixels by 32 channels (28 accumulators).
     Avx512,
     /// 256-bit vectors with fused multiply-add: tiles of up to 6 pixels by 16 channels,
     /// two per panel.
@@ -85,7 +85,7 @@ impl Isa {
     /// The most output pixels one call takes.
     pub(crate) fn max_pixels(self) -> usize {
         match self {
-            Isa::Avx512 => 12,
+            Isa::Avx512 => 14,
             Isa::Avx2Fma => 6,
         }
     }
@@ -139,7 +139,7 @@ pub(crate) unsafe fn run(isa: Isa, tile: &Tile, out: *mut f32, out_len: usize) {
             };
         }
         match isa {
-            Isa::Avx512 => by_size!(avx512, 1 2 3 4 5 6 7 8 9 10 11 12),
+            Isa::Avx512 => by_size!(avx512, 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
             Isa::Avx2Fma => {
                 by_size!(avx2, 1 2 3 4 5 6);
             }

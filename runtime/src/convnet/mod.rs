@@ -142,12 +142,16 @@ pub(crate) struct ConvNet {
     isa: Isa,
 }
 
-/// Buffers of one run, kept from call to call; sized for the largest batch seen.
+/// Buffers of one run, kept from call to call: one set per thread, each sized for one
+/// chunk of images.
 #[derive(Debug, Default)]
 pub(crate) struct Workspace {
-    images: usize,
-    buffers: Vec<Vec<f32>>,
+    sets: Vec<Vec<Vec<f32>>>,
 }
+
+/// Bytes of activations a chunk of images may use: about half this processor family's
+/// per-core L2 cache, so a chunk's layers pass their buffers on in cache.
+const CHUNK_BYTES: usize = 512 * 1024;
 
 impl ConvNet {
     /// The chain `layers` on `c x h x w` images, with the kernels for `isa`. `None` when a
@@ -197,8 +201,15 @@ impl ConvNet {
         g.c * g.h * g.w
     }
 
+    /// Images per chunk: batches run chunk by chunk through all layers.
+    fn chunk_images(&self) -> usize {
+        let per_image: usize = self.geometry.iter().map(|g| g.image_len() * 4).sum();
+        (CHUNK_BYTES / per_image.max(1)).max(1)
+    }
+
     /// Runs `n` images (`input`, `N x C x H x W` in standard layout) into `out`
-    /// (`n x output_len`), on `pool` when given.
+    /// (`n x output_len`). On `pool`, a batch of at least two chunks per thread runs
+    /// whole chunks on each thread; a smaller one splits each layer between the threads.
     pub(crate) fn run(
         &self,
         input: &[f32],
@@ -208,14 +219,58 @@ impl ConvNet {
         pool: Option<&rayon::ThreadPool>,
     ) {
         let first = self.geometry[0];
-        assert_eq!(input.len(), n * first.c * first.h * first.w);
-        assert_eq!(out.len(), n * self.output_len());
-        if work.images < n || work.buffers.len() != self.geometry.len() {
-            work.buffers = self.geometry.iter().map(|g| vec![0.0; n * g.image_len()]).collect();
-            work.images = n;
+        let (in_len, out_len) = (first.c * first.h * first.w, self.output_len());
+        assert_eq!(input.len(), n * in_len);
+        assert_eq!(out.len(), n * out_len);
+        let chunk = self.chunk_images().min(n.max(1));
+        let threads = pool.map_or(1, |p| p.current_num_threads()).max(1);
+        while work.sets.len() < threads {
+            work.sets.push(Vec::new());
         }
+        for set in &mut work.sets {
+            let fits = set.len() == self.geometry.len()
+                && set.iter().zip(&self.geometry).all(|(b, g)| b.len() >= chunk * g.image_len());
+            if !fits {
+                *set = self.geometry.iter().map(|g| vec![0.0; chunk * g.image_len()]).collect();
+            }
+        }
+        let jobs: Vec<(&[f32], &mut [f32])> =
+            input.chunks(chunk * in_len).zip(out.chunks_mut(chunk * out_len)).collect();
+        match pool {
+            Some(pool) if threads > 1 && jobs.len() >= 2 * threads => {
+                let per_thread = jobs.len().div_ceil(threads);
+                let mut jobs = jobs.into_iter();
+                pool.scope(|s| {
+                    for set in work.sets.iter_mut().take(threads) {
+                        let mine: Vec<_> = jobs.by_ref().take(per_thread).collect();
+                        s.spawn(move |_| {
+                            for (input, out) in mine {
+                                self.forward(input, out, set, false);
+                            }
+                        });
+                    }
+                });
+            }
+            Some(pool) if threads > 1 => pool.install(|| {
+                for (input, out) in jobs {
+                    self.forward(input, out, &mut work.sets[0], true);
+                }
+            }),
+            _ => {
+                for (input, out) in jobs {
+                    self.forward(input, out, &mut work.sets[0], false);
+                }
+            }
+        }
+    }
+
+    /// One chunk of images through every layer; `split` shares each convolution between
+    /// the threads of the current rayon pool.
+    fn forward(&self, input: &[f32], out: &mut [f32], buffers: &mut [Vec<f32>], split: bool) {
+        let first = self.geometry[0];
+        let n = input.len() / (first.c * first.h * first.w);
         let plane = first.h * first.w;
-        let buf = &mut work.buffers[0];
+        let buf = &mut buffers[0];
         for (image, src) in input.chunks_exact(first.c * plane).enumerate() {
             for (c, channel) in src.chunks_exact(plane).enumerate() {
                 for (y, row) in channel.chunks_exact(first.w).enumerate() {
@@ -227,11 +282,11 @@ impl ConvNet {
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let (done, rest) = work.buffers.split_at_mut(i + 1);
+            let (done, rest) = buffers.split_at_mut(i + 1);
             let (src, dst) = (&done[i], &mut rest[0]);
             let (gin, gout) = (self.geometry[i], self.geometry[i + 1]);
             match layer {
-                Layer::Conv(conv) => self.conv(conv, n, src, gin, dst, gout, pool),
+                Layer::Conv(conv) => self.conv(conv, n, src, gin, dst, gout, split),
                 Layer::GlobalPool { scale } => {
                     for image in 0..n {
                         let o = gout.at(image, 0, 0);
@@ -257,7 +312,7 @@ impl ConvNet {
                 }
             }
         }
-        let last = &work.buffers[self.geometry.len() - 1];
+        let last = &buffers[self.geometry.len() - 1];
         out.copy_from_slice(&last[..out.len()]);
     }
 
@@ -273,46 +328,77 @@ impl ConvNet {
         gin: Geometry,
         dst: &mut [f32],
         gout: Geometry,
-        pool: Option<&rayon::ThreadPool>,
+        split: bool,
     ) {
         let (pw, c) = (gin.padded().1, gin.c);
-        let taps: Vec<usize> = (0..conv.kernel.0)
-            .flat_map(|ky| {
-                (0..conv.kernel.1).map(move |kx| {
-                    (ky * conv.dilation.0 * pw + kx * conv.dilation.1) * c
+        // Without dilation along rows, a kernel row's taps are one run of `kw * c` values
+        // (the packed weights are in the same order), so the kernel loops over rows.
+        let (taps, run): (Vec<usize>, usize) = if conv.dilation.1 == 1 {
+            let rows = (0..conv.kernel.0).map(|ky| ky * conv.dilation.0 * pw * c).collect();
+            (rows, conv.kernel.1 * c)
+        } else {
+            let taps = (0..conv.kernel.0)
+                .flat_map(|ky| {
+                    (0..conv.kernel.1)
+                        .map(move |kx| (ky * conv.dilation.0 * pw + kx * conv.dilation.1) * c)
                 })
+                .collect();
+            (taps, c)
+        };
+        let per_row = taps.len() / conv.kernel.0;
+        let (oh, ow) = (gout.h, gout.w);
+        let max = self.isa.max_pixels();
+        // Output rows grouped by the kernel rows that fall inside the image (not on the
+        // zero padding): those are the only rows a tile of the group multiplies.
+        let mut bands: Vec<Band> = Vec::new();
+        for y in 0..oh {
+            let inside = |ky: &usize| {
+                let row = y * conv.stride.0 + ky * conv.dilation.0;
+                row >= gin.pad[0] && row < gin.pad[0] + gin.h
+            };
+            let lo = (0..conv.kernel.0).find(inside).unwrap_or(0);
+            let hi = (0..conv.kernel.0).rev().find(inside).map_or(lo, |k| k + 1);
+            match bands.iter_mut().find(|b| (b.lo, b.hi) == (lo, hi)) {
+                Some(band) => band.rows.push(y),
+                None => bands.push(Band { lo, hi, rows: vec![y], tiles: 0 }),
+            }
+        }
+        for band in &mut bands {
+            band.tiles = (n * band.rows.len() * ow).div_ceil(max);
+        }
+        let panels = conv.cout.div_ceil(NR);
+        let items: Vec<(usize, usize, usize)> = (0..panels)
+            .flat_map(|p| {
+                bands.iter().enumerate().flat_map(move |(b, band)| (0..band.tiles).map(move |t| (p, b, t)))
             })
             .collect();
-        let (oh, ow) = (gout.h, gout.w);
-        let pixels = n * oh * ow;
-        let max = self.isa.max_pixels();
-        let tiles = pixels.div_ceil(max);
-        let panels = conv.cout.div_ceil(NR);
-        let items = tiles * panels;
         let panel_len = conv.panel_len();
+        let row_len = conv.kernel.1 * c * NR;
+        let (ph, pw) = gin.padded();
         let out_len = dst.len();
         let out = SharedOut(dst.as_mut_ptr());
         let work = |range: std::ops::Range<usize>| {
             let mut origins = [0usize; kernel::MAX_PIXELS];
             let mut targets = [0usize; kernel::MAX_PIXELS];
-            for item in range {
-                let (panel, tile) = (item / tiles, item % tiles);
-                let (start, end) = (tile * pixels / tiles, (tile + 1) * pixels / tiles);
+            for &(panel, b, tile) in &items[range] {
+                let band = &bands[b];
+                let pixels = n * band.rows.len() * ow;
+                let (start, end) = (tile * pixels / band.tiles, (tile + 1) * pixels / band.tiles);
                 for (k, p) in (start..end).enumerate() {
-                    let (image, y, x) = (p / (oh * ow), p % (oh * ow) / ow, p % ow);
+                    let (image, r, x) = (p / (band.rows.len() * ow), p / ow % band.rows.len(), p % ow);
+                    let y = band.rows[r];
                     // Receptive-field origin in padded coordinates is (y * sh, x * sw).
-                    let (ph, pw) = gin.padded();
-                    origins[k] =
-                        ((image * ph + y * conv.stride.0) * pw + x * conv.stride.1) * c;
+                    origins[k] = ((image * ph + y * conv.stride.0) * pw + x * conv.stride.1) * c;
                     targets[k] = gout.at(image, y, x) + panel * NR;
                 }
                 let m = end - start;
+                let weights = &conv.panels[panel * panel_len..(panel + 1) * panel_len];
                 let tile = Tile {
                     input: src,
                     pixels: &origins[..m],
-                    taps: &taps,
-                    cin: c,
-                    weights: &conv.panels[panel * panel_len..(panel + 1) * panel_len],
+                    taps: &taps[band.lo * per_row..band.hi * per_row],
+                    cin: run,
+                    weights: &weights[band.lo * row_len..],
                     bias: &conv.bias[panel * NR..(panel + 1) * NR],
                     activation: conv.activation,
                     lanes: (conv.cout - panel * NR).min(NR),
@@ -323,17 +409,30 @@ impl ConvNet {
                 unsafe { kernel::run(self.isa, &tile, out.get(), out_len) };
             }
         };
-        let threads = pool.map_or(1, |p| p.current_num_threads()).min(items).max(1);
-        match pool {
-            Some(pool) if threads > 1 => pool.scope(|s| {
-                for t in 0..threads {
+        let items = items.len();
+        let threads = if split { rayon::current_num_threads().min(items) } else { 1 };
+        if threads > 1 {
+            rayon::scope(|s| {
+                for t in 1..threads {
                     let work = &work;
                     s.spawn(move |_| work(t * items / threads..(t + 1) * items / threads));
                 }
-            }),
-            _ => work(0..items),
+                work(0..items / threads);
+            });
+        } else {
+            work(0..items);
         }
     }
+}
+
+/// Output rows of a convolution whose receptive fields cover the same kernel rows
+/// `lo..hi` inside the image, and how many tiles their pixels make.
+#[derive(Debug)]
+struct Band {
+    lo: usize,
+    hi: usize,
+    rows: Vec<usize>,
+    tiles: usize,
 }
 
 /// The output buffer, shared by threads that write disjoint parts of it.
@@ -359,3 +458,4 @@ pub(crate) fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
         .ok()
         .map(Arc::new)
 }
+
