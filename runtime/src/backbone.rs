@@ -169,7 +169,10 @@ impl Backbone {
         let lowered = match (engine, Isa::detect()) {
             (Engine::Tract, _) => None,
             (Engine::Auto, None) => {
-                tracing::debug!(origin, "no convolution kernels for this processor; tract runs the network");
+                tracing::debug!(
+                    origin,
+                    "no convolution kernels for this processor; tract runs the network"
+                );
                 None
             }
             (Engine::Auto, Some(isa)) => match convnet::lower::lower(&simplified, chw, isa) {
@@ -304,7 +307,11 @@ impl Backbone {
     }
 
     /// Embeds `images` (of the network's input size) into one `N x D` array.
-    fn run(&self, images: ArrayView4<f32>, pool: Option<&rayon::ThreadPool>) -> Result<Array2<f32>> {
+    fn run(
+        &self,
+        images: ArrayView4<f32>,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<Array2<f32>> {
         match &self.runner {
             Runner::Tract { plan, idle } => self.run_tract(plan, idle, images),
             Runner::Kernels { net, idle, .. } => {
@@ -367,7 +374,8 @@ fn probe_images((c, h, w): (usize, usize, usize)) -> Array4<f32> {
         if n == 0 {
             return 0.0;
         }
-        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        state =
+            state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
     })
 }

@@ -51,10 +51,13 @@ pub(crate) fn lower(
             continue;
         }
         let konst = |i: usize| -> Option<Arc<Tensor>> {
-            node.inputs.get(i).and_then(|o| model.outlet_fact(*o).ok()).and_then(|f| f.konst.clone())
+            node.inputs
+                .get(i)
+                .and_then(|o| model.outlet_fact(*o).ok())
+                .and_then(|f| f.konst.clone())
         };
         if node.inputs.is_empty() {
-            if model.outlet_fact(OutletId::new(id, 0)).map_or(false, |f| f.konst.is_some()) {
+            if model.outlet_fact(OutletId::new(id, 0)).is_ok_and(|f| f.konst.is_some()) {
                 continue;
             }
             return Err(format!("node {} has no inputs and is not a constant", node.name));
@@ -69,32 +72,40 @@ pub(crate) fn lower(
             .filter(|(_, o)| model.outlet_fact(**o).map_or(true, |f| f.konst.is_none()))
             .map(|(i, o)| (i, *o))
             .collect();
-        let unsupported = || format!("node {} ({}) is outside the supported chain", node.name, node.op.name());
+        let unsupported =
+            || format!("node {} ({}) is outside the supported chain", node.name, node.op.name());
 
         if let Some(state) = tail {
             tail = Some(match (state, bin_name(node).unwrap_or("")) {
                 (Tail::Squared(x, s), _) if only(&variable, s) && node.op_is::<Reduce>() => {
                     let reduce = node.op_as::<Reduce>().ok_or_else(unsupported)?;
-                    if !matches!(reduce.reducer, Reducer::Sum) || shape.iter().product::<usize>() != 1 {
+                    if !matches!(reduce.reducer, Reducer::Sum)
+                        || shape.iter().product::<usize>() != 1
+                    {
                         return Err(unsupported());
                     }
                     Tail::Summed(x, here)
                 }
-                (Tail::Summed(x, s), _) if only(&variable, s) && unary_name(node) == Some("Sqrt") => {
+                (Tail::Summed(x, s), _)
+                    if only(&variable, s) && unary_name(node) == Some("Sqrt") =>
+                {
                     Tail::Rooted(x, here)
                 }
                 (Tail::Rooted(x, r), "Max") if only(&variable, r) => {
                     let eps = scalar(&konst(1 - variable[0].0)).ok_or_else(unsupported)?;
                     Tail::Clamped(x, here, eps)
                 }
-                (Tail::Clamped(x, m, eps), _) if only(&variable, m) && unary_name(node) == Some("Recip") => {
+                (Tail::Clamped(x, m, eps), _)
+                    if only(&variable, m) && unary_name(node) == Some("Recip") =>
+                {
                     Tail::Inverted(x, here, eps)
                 }
                 (Tail::Inverted(x, r, eps), "Mul") | (Tail::Clamped(x, r, eps), "Div")
                     if variable.len() == 2
                         && variable.iter().any(|v| v.1 == x)
                         && variable.iter().any(|v| v.1 == r)
-                        && (bin_name(node) == Some("Mul") || (node.inputs[0] == x && node.inputs[1] == r)) =>
+                        && (bin_name(node) == Some("Mul")
+                            || (node.inputs[0] == x && node.inputs[1] == r)) =>
                 {
                     layers.push(Layer::Normalize { eps });
                     current = here;
@@ -115,13 +126,18 @@ pub(crate) fn lower(
         }
         let current_shape = output_shape(model, current)?;
         if let Some(conv) = node.op_as::<TractConv>() {
-            layers.push(Layer::Conv(lower_conv(conv, &konst(1), &konst(2), &current_shape).ok_or_else(unsupported)?));
+            layers.push(Layer::Conv(
+                lower_conv(conv, &konst(1), &konst(2), &current_shape).ok_or_else(unsupported)?,
+            ));
         } else if let Some(bin) = node.op_as::<TypedBinOp>() {
             let k = konst(1 - variable[0].0).ok_or_else(unsupported)?;
             let channels = per_channel(&k, &shape).ok_or_else(unsupported)?;
             let last = layers.last_mut().ok_or_else(unsupported)?;
             match (bin.0.name(), last) {
-                ("Max", Layer::Conv(conv)) if conv.activation == Activation::Identity && channels.iter().all(|&v| v == 0.0) => {
+                ("Max", Layer::Conv(conv))
+                    if conv.activation == Activation::Identity
+                        && channels.iter().all(|&v| v == 0.0) =>
+                {
                     conv.activation = Activation::Relu;
                 }
                 ("Add", Layer::Conv(conv)) if conv.activation == Activation::Identity => {
@@ -132,7 +148,9 @@ pub(crate) fn lower(
                     let cout = conv.cout;
                     conv.scale_outputs(&broadcast(&channels, cout));
                 }
-                ("Mul", Layer::GlobalPool { scale }) if channels.len() == 1 => *scale *= channels[0],
+                ("Mul", Layer::GlobalPool { scale }) if channels.len() == 1 => {
+                    *scale *= channels[0]
+                }
                 _ => return Err(unsupported()),
             }
         } else if let Some(reduce) = node.op_as::<Reduce>() {
@@ -147,7 +165,10 @@ pub(crate) fn lower(
             layers.push(Layer::GlobalPool { scale: 1.0 });
         } else if let Some(einsum) = node.op_as::<EinSum>() {
             let k = konst(1 - variable[0].0).ok_or_else(unsupported)?;
-            layers.push(Layer::Conv(lower_dense(einsum, variable[0].0, &k, &current_shape, &shape).ok_or_else(unsupported)?));
+            layers.push(Layer::Conv(
+                lower_dense(einsum, variable[0].0, &k, &current_shape, &shape)
+                    .ok_or_else(unsupported)?,
+            ));
         } else if let Some(ew) = node.op_as::<ElementWiseOp>() {
             if let Some(leaky) = ew.0.downcast_ref::<LeakyRelu>() {
                 match layers.last_mut() {
@@ -299,10 +320,17 @@ fn lower_conv(
         }
     };
     let padding = spec.computed_padding(&input[2..4]);
-    if !matches!(spec.padding, PaddingSpec::Explicit(..) | PaddingSpec::Valid | PaddingSpec::SameUpper | PaddingSpec::SameLower) {
+    if !matches!(
+        spec.padding,
+        PaddingSpec::Explicit(..)
+            | PaddingSpec::Valid
+            | PaddingSpec::SameUpper
+            | PaddingSpec::SameLower
+    ) {
         return None;
     }
-    let pad = [padding[0].pad_before, padding[1].pad_before, padding[0].pad_after, padding[1].pad_after];
+    let pad =
+        [padding[0].pad_before, padding[1].pad_before, padding[0].pad_after, padding[1].pad_after];
     let dilations = spec.dilations();
     let strides = spec.strides();
     Some(Conv::new(
@@ -344,8 +372,14 @@ fn lower_dense(
     let long = input.iter().product::<usize>();
     let x_k = x_axes.iter().position(|&a| a == k_axis)?;
     let n_out = result.iter().position(|&a| a == n_axis)?;
-    let others_unit = x_axes.iter().zip(input).all(|(a, &d)| *a == k_axis || (d == 1 && !w_axes.contains(a)));
-    if input[x_k] != k || long != k || output[n_out] != n || output.iter().product::<usize>() != n || !others_unit {
+    let others_unit =
+        x_axes.iter().zip(input).all(|(a, &d)| *a == k_axis || (d == 1 && !w_axes.contains(a)));
+    if input[x_k] != k
+        || long != k
+        || output[n_out] != n
+        || output.iter().product::<usize>() != n
+        || !others_unit
+    {
         return None;
     }
     let m = floats(matrix)?;

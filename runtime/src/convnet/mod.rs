@@ -101,9 +101,13 @@ impl Conv {
 pub(crate) enum Layer {
     Conv(Conv),
     /// Sum over all pixels, times `scale` (`1 / (H W)` for the mean).
-    GlobalPool { scale: f32 },
+    GlobalPool {
+        scale: f32,
+    },
     /// `x / max(|x|, eps)` over the channels.
-    Normalize { eps: f32 },
+    Normalize {
+        eps: f32,
+    },
 }
 
 /// The channels-last buffer a stage reads: `n` images of `h x w x c` with zero borders.
@@ -156,7 +160,11 @@ const CHUNK_BYTES: usize = 512 * 1024;
 impl ConvNet {
     /// The chain `layers` on `c x h x w` images, with the kernels for `isa`. `None` when a
     /// stage does not fit the shape before it.
-    pub(crate) fn new(layers: Vec<Layer>, (c, h, w): (usize, usize, usize), isa: Isa) -> Option<ConvNet> {
+    pub(crate) fn new(
+        layers: Vec<Layer>,
+        (c, h, w): (usize, usize, usize),
+        isa: Isa,
+    ) -> Option<ConvNet> {
         let mut geometry = Vec::with_capacity(layers.len() + 1);
         let mut shape = (c, h, w);
         for layer in &layers {
@@ -295,7 +303,9 @@ impl ConvNet {
                         for y in 0..gin.h {
                             for x in 0..gin.w {
                                 let at = gin.at(image, y, x);
-                                sums.iter_mut().zip(&src[at..at + gin.c]).for_each(|(s, v)| *s += v);
+                                sums.iter_mut()
+                                    .zip(&src[at..at + gin.c])
+                                    .for_each(|(s, v)| *s += v);
                             }
                         }
                         sums.iter_mut().for_each(|s| *s *= *scale);
@@ -369,7 +379,10 @@ impl ConvNet {
         let panels = conv.cout.div_ceil(NR);
         let items: Vec<(usize, usize, usize)> = (0..panels)
             .flat_map(|p| {
-                bands.iter().enumerate().flat_map(move |(b, band)| (0..band.tiles).map(move |t| (p, b, t)))
+                bands
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(b, band)| (0..band.tiles).map(move |t| (p, b, t)))
             })
             .collect();
         let panel_len = conv.panel_len();
@@ -385,7 +398,8 @@ impl ConvNet {
                 let pixels = n * band.rows.len() * ow;
                 let (start, end) = (tile * pixels / band.tiles, (tile + 1) * pixels / band.tiles);
                 for (k, p) in (start..end).enumerate() {
-                    let (image, r, x) = (p / (band.rows.len() * ow), p / ow % band.rows.len(), p % ow);
+                    let (image, r, x) =
+                        (p / (band.rows.len() * ow), p / ow % band.rows.len(), p % ow);
                     let y = band.rows[r];
                     // Receptive-field origin in padded coordinates is (y * sh, x * sw).
                     origins[k] = ((image * ph + y * conv.stride.0) * pw + x * conv.stride.1) * c;
@@ -459,3 +473,5 @@ pub(crate) fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
         .map(Arc::new)
 }
 
+#[cfg(test)]
+mod tests;
