@@ -34,7 +34,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
-use crate::convnet::{self, kernel::Isa, ConvNet, Workspace};
+use crate::convnet::{self, kernel::Isa, team::Team, ConvNet, Workspace};
 use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -67,12 +67,12 @@ pub struct Backbone {
 enum Runner {
     /// tract's plan for one image, with run states handed back by finished calls.
     Tract { plan: Plan, idle: Arc<Mutex<Vec<TypedSimpleState>>> },
-    /// selfclass's kernels, with workspaces handed back by finished calls and a thread
-    /// pool per thread count asked for.
+    /// selfclass's kernels, with workspaces handed back by finished calls and a team of
+    /// threads per thread count asked for.
     Kernels {
         net: Arc<ConvNet>,
         idle: Arc<Mutex<Vec<Workspace>>>,
-        pools: Arc<Mutex<Vec<Arc<rayon::ThreadPool>>>>,
+        teams: Arc<Mutex<Vec<Arc<Team>>>>,
     },
 }
 
@@ -202,7 +202,7 @@ impl Backbone {
                 runner: Runner::Kernels {
                     net: Arc::new(net),
                     idle: Arc::default(),
-                    pools: Arc::default(),
+                    teams: Arc::default(),
                 },
                 ..backbone.clone()
             };
@@ -264,25 +264,25 @@ impl Backbone {
         if threads <= 1 || n == 0 {
             return self.embed(images);
         }
-        if let Runner::Kernels { pools, .. } = &self.runner {
+        if let Runner::Kernels { teams, .. } = &self.runner {
             let (_, c, h, w) = images.dim();
             if (c, h, w) != self.input_chw {
                 return self.embed(images);
             }
-            let pool = {
-                let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
-                match pools.iter().find(|p| p.current_num_threads() == threads) {
-                    Some(pool) => pool.clone(),
+            let team = {
+                let mut teams = teams.lock().unwrap_or_else(|p| p.into_inner());
+                match teams.iter().find(|t| t.threads() == threads) {
+                    Some(team) => team.clone(),
                     None => {
-                        let pool = convnet::pool(threads).ok_or_else(|| {
+                        let team = Team::new(threads).map(Arc::new).ok_or_else(|| {
                             Error::inference(&self.origin, format!("starting {threads} threads"))
                         })?;
-                        pools.push(pool.clone());
-                        pool
+                        teams.push(team.clone());
+                        team
                     }
                 }
             };
-            return self.run(images, Some(&pool));
+            return self.run(images, Some(&team));
         }
         let threads = threads.min(n);
         let chunk = n.div_ceil(threads);
@@ -307,11 +307,7 @@ impl Backbone {
     }
 
     /// Embeds `images` (of the network's input size) into one `N x D` array.
-    fn run(
-        &self,
-        images: ArrayView4<f32>,
-        pool: Option<&rayon::ThreadPool>,
-    ) -> Result<Array2<f32>> {
+    fn run(&self, images: ArrayView4<f32>, team: Option<&Team>) -> Result<Array2<f32>> {
         match &self.runner {
             Runner::Tract { plan, idle } => self.run_tract(plan, idle, images),
             Runner::Kernels { net, idle, .. } => {
@@ -326,7 +322,7 @@ impl Backbone {
                 let slice = out.as_slice_mut().ok_or_else(|| {
                     Error::inference(&self.origin, "output not in one contiguous block")
                 })?;
-                net.run(input, n, slice, &mut work, pool);
+                net.run(input, n, slice, &mut work, team);
                 idle.lock().unwrap_or_else(|p| p.into_inner()).push(work);
                 Ok(out)
             }

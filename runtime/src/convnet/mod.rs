@@ -9,10 +9,12 @@
 
 pub(crate) mod kernel;
 pub(crate) mod lower;
+pub(crate) mod team;
 
-use std::sync::Arc;
+use std::sync::Mutex;
 
 use kernel::{Activation, Isa, Tile, NR};
+use team::Team;
 
 /// A convolution (a dense layer is one on a 1x1 image) with packed weights.
 #[derive(Debug, Clone)]
@@ -216,7 +218,7 @@ impl ConvNet {
     }
 
     /// Runs `n` images (`input`, `N x C x H x W` in standard layout) into `out`
-    /// (`n x output_len`). On `pool`, a batch of at least two chunks per thread runs
+    /// (`n x output_len`). With a `team`, a batch of at least two chunks per thread runs
     /// whole chunks on each thread; a smaller one splits each layer between the threads.
     pub(crate) fn run(
         &self,
@@ -224,14 +226,14 @@ impl ConvNet {
         n: usize,
         out: &mut [f32],
         work: &mut Workspace,
-        pool: Option<&rayon::ThreadPool>,
+        team: Option<&Team>,
     ) {
         let first = self.geometry[0];
         let (in_len, out_len) = (first.c * first.h * first.w, self.output_len());
         assert_eq!(input.len(), n * in_len);
         assert_eq!(out.len(), n * out_len);
         let chunk = self.chunk_images().min(n.max(1));
-        let threads = pool.map_or(1, |p| p.current_num_threads()).max(1);
+        let threads = team.map_or(1, Team::threads);
         while work.sets.len() < threads {
             work.sets.push(Vec::new());
         }
@@ -244,37 +246,43 @@ impl ConvNet {
         }
         let jobs: Vec<(&[f32], &mut [f32])> =
             input.chunks(chunk * in_len).zip(out.chunks_mut(chunk * out_len)).collect();
-        match pool {
-            Some(pool) if threads > 1 && jobs.len() >= 2 * threads => {
+        match team {
+            Some(team) if threads > 1 && jobs.len() >= 2 * threads => {
                 let per_thread = jobs.len().div_ceil(threads);
                 let mut jobs = jobs.into_iter();
-                pool.scope(|s| {
-                    for set in work.sets.iter_mut().take(threads) {
-                        let mine: Vec<_> = jobs.by_ref().take(per_thread).collect();
-                        s.spawn(move |_| {
-                            for (input, out) in mine {
-                                self.forward(input, out, set, false);
-                            }
-                        });
+                let shares: Vec<Mutex<_>> = work
+                    .sets
+                    .iter_mut()
+                    .take(threads)
+                    .map(|set| {
+                        Mutex::new((set, jobs.by_ref().take(per_thread).collect::<Vec<_>>()))
+                    })
+                    .collect();
+                team.run(&|t| {
+                    let mut share = shares[t].lock().unwrap_or_else(|p| p.into_inner());
+                    let (set, mine) = &mut *share;
+                    for (input, out) in mine.iter_mut() {
+                        self.forward(input, out, set, None);
                     }
                 });
             }
-            Some(pool) if threads > 1 => pool.install(|| {
-                for (input, out) in jobs {
-                    self.forward(input, out, &mut work.sets[0], true);
-                }
-            }),
             _ => {
                 for (input, out) in jobs {
-                    self.forward(input, out, &mut work.sets[0], false);
+                    self.forward(input, out, &mut work.sets[0], team);
                 }
             }
         }
     }
 
-    /// One chunk of images through every layer; `split` shares each convolution between
-    /// the threads of the current rayon pool.
-    fn forward(&self, input: &[f32], out: &mut [f32], buffers: &mut [Vec<f32>], split: bool) {
+    /// One chunk of images through every layer; with a `team`, each convolution's work is
+    /// shared between its threads.
+    fn forward(
+        &self,
+        input: &[f32],
+        out: &mut [f32],
+        buffers: &mut [Vec<f32>],
+        team: Option<&Team>,
+    ) {
         let first = self.geometry[0];
         let n = input.len() / (first.c * first.h * first.w);
         let plane = first.h * first.w;
@@ -294,7 +302,7 @@ impl ConvNet {
             let (src, dst) = (&done[i], &mut rest[0]);
             let (gin, gout) = (self.geometry[i], self.geometry[i + 1]);
             match layer {
-                Layer::Conv(conv) => self.conv(conv, n, src, gin, dst, gout, split),
+                Layer::Conv(conv) => self.conv(conv, n, src, gin, dst, gout, team),
                 Layer::GlobalPool { scale } => {
                     for image in 0..n {
                         let o = gout.at(image, 0, 0);
@@ -338,7 +346,7 @@ impl ConvNet {
         gin: Geometry,
         dst: &mut [f32],
         gout: Geometry,
-        split: bool,
+        team: Option<&Team>,
     ) {
         let (pw, c) = (gin.padded().1, gin.c);
         // Without dilation along rows, a kernel row's taps are one run of `kw * c` values
@@ -357,7 +365,9 @@ impl ConvNet {
         };
         let per_row = taps.len() / conv.kernel.0;
         let (oh, ow) = (gout.h, gout.w);
-        let max = self.isa.max_pixels();
+        let threads = team.map_or(1, Team::threads);
+        // Shared between threads, tiles are small enough that each thread gets two or more.
+        let max = self.isa.max_pixels().min((n * oh * ow).div_ceil(2 * threads)).max(1);
         // Output rows grouped by the kernel rows that fall inside the image (not on the
         // zero padding): those are the only rows a tile of the group multiplies.
         let mut bands: Vec<Band> = Vec::new();
@@ -377,23 +387,23 @@ impl ConvNet {
             band.tiles = (n * band.rows.len() * ow).div_ceil(max);
         }
         let panels = conv.cout.div_ceil(NR);
-        let items: Vec<(usize, usize, usize)> = (0..panels)
-            .flat_map(|p| {
-                bands
-                    .iter()
-                    .enumerate()
-                    .flat_map(move |(b, band)| (0..band.tiles).map(move |t| (p, b, t)))
-            })
+        // Every tile, top of the image first: (band, tile in band).
+        let tiles: Vec<(usize, usize)> = bands
+            .iter()
+            .enumerate()
+            .flat_map(|(b, band)| (0..band.tiles).map(move |t| (b, t)))
             .collect();
         let panel_len = conv.panel_len();
         let row_len = conv.kernel.1 * c * NR;
         let (ph, pw) = gin.padded();
         let out_len = dst.len();
         let out = SharedOut(dst.as_mut_ptr());
-        let work = |range: std::ops::Range<usize>| {
+        // Tiles `tiles` by panels `panels`, panel by panel (a panel's weights stay in cache
+        // across the tiles).
+        let work = |tiles: &[(usize, usize)], panels: std::ops::Range<usize>| {
             let mut origins = [0usize; kernel::MAX_PIXELS];
             let mut targets = [0usize; kernel::MAX_PIXELS];
-            for &(panel, b, tile) in &items[range] {
+            for (panel, &(b, tile)) in panels.flat_map(|p| tiles.iter().map(move |t| (p, t))) {
                 let band = &bands[b];
                 let pixels = n * band.rows.len() * ow;
                 let (start, end) = (tile * pixels / band.tiles, (tile + 1) * pixels / band.tiles);
@@ -423,20 +433,51 @@ impl ConvNet {
                 unsafe { kernel::run(self.isa, &tile, out.get(), out_len) };
             }
         };
-        let items = items.len();
-        let threads = if split { rayon::current_num_threads().min(items) } else { 1 };
-        if threads > 1 {
-            rayon::scope(|s| {
-                for t in 1..threads {
-                    let work = &work;
-                    s.spawn(move |_| work(t * items / threads..(t + 1) * items / threads));
-                }
-                work(0..items / threads);
-            });
-        } else {
-            work(0..items);
+        // Threads take contiguous runs of tiles of about equal work, so each computes the
+        // same part of the image in every layer and mostly reads what it wrote itself
+        // (passing activations between cores costs more than a small layer's arithmetic).
+        // With fewer tiles than threads (a dense layer on one image), they take panels.
+        let costs: Vec<usize> = tiles
+            .iter()
+            .map(|&(b, t)| {
+                let band = &bands[b];
+                let pixels = n * band.rows.len() * ow;
+                let m = (t + 1) * pixels / band.tiles - t * pixels / band.tiles;
+                m * (band.hi - band.lo).max(1)
+            })
+            .collect();
+        let cuts = balanced_cuts(&costs, threads);
+        match team {
+            Some(team) if threads > 1 && tiles.len() >= threads => {
+                team.run(&|t| work(&tiles[cuts[t]..cuts[t + 1]], 0..panels));
+            }
+            Some(team) if threads > 1 => {
+                team.run(&|t| work(&tiles, t * panels / threads..(t + 1) * panels / threads));
+            }
+            _ => work(&tiles, 0..panels),
         }
     }
+}
+
+/// Where to cut a run of items of the given costs into `parts` contiguous runs of about
+/// equal cost: part `t` is `cuts[t]..cuts[t + 1]`, each cut at the item boundary nearest
+/// to `t / parts` of the total.
+fn balanced_cuts(costs: &[usize], parts: usize) -> Vec<usize> {
+    let total: usize = costs.iter().sum();
+    let mut cuts = vec![0; parts + 1];
+    let mut done = 0;
+    for (i, cost) in costs.iter().enumerate() {
+        let before = done;
+        done += cost;
+        for (t, cut) in cuts.iter_mut().enumerate().skip(1) {
+            let goal = t * total / parts;
+            if before < goal && done >= goal {
+                *cut = if goal - before < done - goal { i } else { i + 1 };
+            }
+        }
+    }
+    cuts[parts] = costs.len();
+    cuts
 }
 
 /// Output rows of a convolution whose receptive fields cover the same kernel rows
@@ -462,16 +503,6 @@ impl SharedOut {
 // SAFETY: threads only write disjoint blocks through it, while the buffer's owner waits.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
-
-/// A rayon pool for `threads` threads, shared by clones of a network.
-pub(crate) fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("selfclass-embed-{i}"))
-        .build()
-        .ok()
-        .map(Arc::new)
-}
 
 #[cfg(test)]
 mod tests;

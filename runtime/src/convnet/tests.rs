@@ -5,7 +5,8 @@
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::kernel::{Activation, Isa};
-use super::{pool, Conv, ConvNet, Layer, Workspace};
+use super::team::Team;
+use super::{balanced_cuts, Conv, ConvNet, Layer, Workspace};
 
 /// A convolution's shape: `(cout, cin, kh, kw)`, stride, dilation, padding.
 type Shape = ((usize, usize, usize, usize), (usize, usize), (usize, usize), [usize; 4]);
@@ -67,7 +68,7 @@ fn check(shape: Shape, (n, h, w): (usize, usize, usize), activation: Activation,
     let bias = random(&mut rng, co);
     let x = random(&mut rng, n * ci * h * w);
     let (want, (oh, ow)) = reference(&x, (n, ci, h, w), &weights, &bias, shape, activation);
-    let threads = pool(2).expect("thread pool");
+    let threads = Team::new(2).expect("thread team");
     for isa in isas() {
         let mut conv = Conv::new(&weights, &bias, (co, ci, kh, kw), stride, dilation, pad);
         conv.activation = activation;
@@ -170,4 +171,16 @@ fn shapes_that_do_not_chain_are_refused() {
     assert!(ConvNet::new(vec![Layer::Conv(conv)], (3, 2, 8), isa).is_none());
     // Normalising a whole image rather than a vector.
     assert!(ConvNet::new(vec![Layer::Normalize { eps: 1e-7 }], (3, 2, 2), isa).is_none());
+}
+
+#[test]
+fn work_is_cut_where_it_balances() {
+    // The default model's last convolution on one image: the middle band split in two.
+    assert_eq!(balanced_cuts(&[8, 12, 12, 8], 2), vec![0, 2, 4]);
+    assert_eq!(balanced_cuts(&[14, 42, 42, 42], 2), vec![0, 2, 4]);
+    assert_eq!(balanced_cuts(&[1; 9], 3), vec![0, 3, 6, 9]);
+    // A heavy item goes to the side it unbalances least; cuts never go backwards.
+    assert_eq!(balanced_cuts(&[1, 10, 1], 2), vec![0, 2, 3]);
+    assert_eq!(balanced_cuts(&[30, 1, 1], 3), vec![0, 0, 1, 3]);
+    assert_eq!(balanced_cuts(&[], 2), vec![0, 0, 0]);
 }
