@@ -82,17 +82,24 @@ impl Section {
 }
 
 /// Alternates which side goes first in a round, so neither always runs on a warmer or
-/// cooler machine.
+/// cooler machine; a pause between the sides lets the first side's idle worker threads
+/// (which spin for a while after their last task) go to sleep before the second starts.
 pub fn interleave<A, B>(
     round: usize,
     mut ours: impl FnMut() -> anyhow::Result<A>,
     mut peer: impl FnMut() -> anyhow::Result<B>,
 ) -> anyhow::Result<(A, B)> {
+    let settle = || std::thread::sleep(SETTLE);
     if round.is_multiple_of(2) {
         let a = ours()?;
+        settle();
         Ok((a, peer()?))
     } else {
         let b = peer()?;
+        settle();
         Ok((ours()?, b))
     }
 }
+
+/// The pause between the two sides of a round.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);

@@ -1,10 +1,12 @@
-//! Comparison 1: the default model's embedding network, selfclass (tract) against
-//! onnxruntime, with the same thread count, at batch 1 and batch 64.
+//! Comparison 1: the default model's embedding network, selfclass against onnxruntime,
+//! with the same thread count, at batch 1 and batch 64. selfclass runs the engine it
+//! picks for this processor (its own convolution kernels where it has them); tract's plan
+//! is timed beside it in the same rounds as a reference row.
 
 use anyhow::{Context as _, Result};
 use ndarray::Array4;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use selfclass_runtime::backbone::Backbone;
+use selfclass_runtime::backbone::{Backbone, Engine};
 use selfclass_runtime::bundle::Bundle;
 use serde_json::json;
 
@@ -28,6 +30,7 @@ pub fn run(ctx: &Context) -> Result<Section> {
     std::fs::write(&onnx, bundle.network_onnx_bytes()?)
         .with_context(|| format!("writing {}", onnx.display()))?;
     let net = Backbone::from_bundle(&bundle)?;
+    let tract = Backbone::from_bundle_with(&bundle, Engine::Tract)?;
     let (c, h, w) = net.input_chw();
 
     let mut peer = Peer::spawn(&ctx.venv, &script(&ctx.bench_dir, "ort_embed.py"), "onnxruntime")?;
@@ -39,8 +42,9 @@ pub fn run(ctx: &Context) -> Result<Section> {
         for (batch, iters) in [(1usize, 200usize), (64, 10)] {
             let images = Array4::from_shape_fn((batch, c, h, w), |_| rng.gen_range(0.0f32..1.0));
             let iters = ctx.effort.iters(iters);
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let (mut ours, mut theirs, mut stock) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..ctx.effort.rounds {
+                stock.push(time_block(3, iters, || embed(&tract, &images, threads))?);
                 let (a, b) = interleave(
                     round,
                     || time_block(3, iters, || embed(&net, &images, threads)),
@@ -54,12 +58,11 @@ pub fn run(ctx: &Context) -> Result<Section> {
             }
             tracing::info!(threads, batch, ours = ?ours, onnxruntime = ?theirs, "embedding");
             let target = if batch == 1 { 1.0 } else { 1.25 };
+            let case =
+                format!("batch {batch}, {threads} thread{}", if threads > 1 { "s" } else { "" });
             section.rows.push(Row {
                 comparison: NAME.into(),
-                case: format!(
-                    "batch {batch}, {threads} thread{}",
-                    if threads > 1 { "s" } else { "" }
-                ),
+                case: case.clone(),
                 ours: Figure::new(Summary::of(&ours).context("no timing")?, Unit::Seconds),
                 peer: Some((
                     "onnxruntime".into(),
@@ -68,14 +71,27 @@ pub fn run(ctx: &Context) -> Result<Section> {
                 ratio: Summary::of(&ratios(&ours, &theirs)),
                 target: Some(Target { max_ratio: target }),
             });
+            section.rows.push(Row {
+                comparison: NAME.into(),
+                case: format!("{case}, tract's plan (reference)"),
+                ours: Figure::new(Summary::of(&stock).context("no timing")?, Unit::Seconds),
+                peer: Some((
+                    "onnxruntime".into(),
+                    Figure::new(Summary::of(&theirs).context("no timing")?, Unit::Seconds),
+                )),
+                ratio: Summary::of(&ratios(&stock, &theirs)),
+                target: None,
+            });
         }
     }
     section.notes.push(format!(
         "Network: the default model's embedding network ({}, input {c}x{h}x{w}), written as an \
          f32 ONNX file for onnxruntime; time per call of a whole batch, onnxruntime with \
          `intra_op_num_threads` set to the thread count, sequential execution, all graph \
-         optimisations.",
-        ctx.relative(&ctx.model).display()
+         optimisations. selfclass's engine on this machine: `{}`; the rows marked \
+         *tract's plan* time the same network on tract (`Engine::Tract`) in the same rounds.",
+        ctx.relative(&ctx.model).display(),
+        net.engine()
     ));
     Ok(section)
 }
