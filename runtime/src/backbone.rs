@@ -39,6 +39,9 @@ use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Thread teams, each with the thread count it was asked for.
+type Teams = Vec<(usize, Arc<Team>)>;
+
 /// Which engine runs the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Engine {
@@ -68,11 +71,11 @@ enum Runner {
     /// tract's plan for one image, with run states handed back by finished calls.
     Tract { plan: Plan, idle: Arc<Mutex<Vec<TypedSimpleState>>> },
     /// selfclass's kernels, with workspaces handed back by finished calls and a team of
-    /// threads per thread count asked for.
+    /// threads per thread count asked for (no more threads than processors).
     Kernels {
         net: Arc<ConvNet>,
         idle: Arc<Mutex<Vec<Workspace>>>,
-        teams: Arc<Mutex<Vec<Arc<Team>>>>,
+        teams: Arc<Mutex<Teams>>,
     },
 }
 
@@ -271,13 +274,13 @@ impl Backbone {
             }
             let team = {
                 let mut teams = teams.lock().unwrap_or_else(|p| p.into_inner());
-                match teams.iter().find(|t| t.threads() == threads) {
-                    Some(team) => team.clone(),
+                match teams.iter().find(|(asked, _)| *asked == threads) {
+                    Some((_, team)) => team.clone(),
                     None => {
                         let team = Team::new(threads).map(Arc::new).ok_or_else(|| {
                             Error::inference(&self.origin, format!("starting {threads} threads"))
                         })?;
-                        teams.push(team.clone());
+                        teams.push((threads, team.clone()));
                         team
                     }
                 }

@@ -56,8 +56,11 @@ impl std::fmt::Debug for Team {
 }
 
 impl Team {
-    /// A team of `threads` (at least 1); `None` if a thread cannot be started.
+    /// A team of `threads` (at least 1, at most the processors this process may run on);
+    /// `None` if a thread cannot be started.
     pub(crate) fn new(threads: usize) -> Option<Team> {
+        let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = threads.clamp(1, processors.max(1));
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
@@ -69,7 +72,7 @@ impl Team {
             panicked: AtomicBool::new(false),
         });
         let mut team = Team { shared: shared.clone(), workers: Vec::new(), busy: Mutex::new(()) };
-        for index in 1..threads.max(1) {
+        for index in 1..threads {
             let shared = shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("selfclass-embed-{index}"))
@@ -109,8 +112,16 @@ impl Team {
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        let mut spins = 0u32;
         while shared.pending.load(Acquire) != 0 {
-            std::hint::spin_loop();
+            // A worker that shares this processor (fewer processors than threads) needs
+            // it handed over; otherwise this spins a few microseconds.
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         if let Err(panic) = mine {
             std::panic::resume_unwind(panic);
@@ -152,6 +163,8 @@ fn work(shared: &Shared, index: usize) {
                 std::hint::spin_loop();
                 continue;
             }
+            // Let any other thread waiting for this processor run.
+            std::thread::yield_now();
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < SPIN {
                 continue;
@@ -185,7 +198,7 @@ mod tests {
     #[test]
     fn every_share_runs_once_per_job() {
         let team = Team::new(3).expect("team");
-        let counts: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let counts: Vec<AtomicUsize> = (0..team.threads()).map(|_| AtomicUsize::new(0)).collect();
         for round in 0..1000 {
             team.run(&|i| {
                 counts[i].fetch_add(1, SeqCst);
@@ -201,6 +214,9 @@ mod tests {
     #[test]
     fn a_worker_panic_reaches_the_caller_and_the_team_goes_on() {
         let team = Team::new(2).expect("team");
+        if team.threads() < 2 {
+            return; // One processor: there is no worker to fail.
+        }
         let hit = catch_unwind(AssertUnwindSafe(|| {
             team.run(&|i| assert!(i != 1, "share {i} fails"));
         }));
@@ -209,6 +225,13 @@ mod tests {
         team.run(&|_| {
             ran.fetch_add(1, SeqCst);
         });
-        assert_eq!(ran.load(SeqCst), 2);
+        assert_eq!(ran.load(SeqCst), team.threads());
+    }
+
+    #[test]
+    fn no_more_threads_than_processors() {
+        let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Team::new(processors + 3).expect("team").threads(), processors);
+        assert_eq!(Team::new(0).expect("team").threads(), 1);
     }
 }
