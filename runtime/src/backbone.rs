@@ -72,11 +72,7 @@ enum Runner {
     Tract { plan: Plan, idle: Arc<Mutex<Vec<TypedSimpleState>>> },
     /// selfclass's kernels, with workspaces handed back by finished calls and a team of
     /// threads per thread count asked for (no more threads than processors).
-    Kernels {
-        net: Arc<ConvNet>,
-        idle: Arc<Mutex<Vec<Workspace>>>,
-        teams: Arc<Mutex<Teams>>,
-    },
+    Kernels { net: Arc<ConvNet>, idle: Arc<Mutex<Vec<Workspace>>>, teams: Arc<Mutex<Teams>> },
 }
 
 impl Backbone {

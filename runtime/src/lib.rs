@@ -1,9 +1,11 @@
 //! selfclass runtime: the device library of the Self-Classifier method.
 //!
 //! A camera frame becomes a class prediction in four steps: [`preprocess`] turns the raw
-//! frame into the model's input tensor, [`backbone`] runs the ONNX embedding network with
-//! tract and returns L2-normalised embeddings, [`head`] maps each embedding to class logits
-//! with weight-normalised linear heads, and the arg-max of the logits is the cluster.
+//! frame into the model's input tensor, [`backbone`] runs the ONNX embedding network (on
+//! selfclass's own convolution kernels where the graph and the processor allow, with
+//! tract otherwise) and returns L2-normalised embeddings, [`head`] maps each embedding to
+//! class logits with weight-normalised linear heads, and the arg-max of the logits is the
+//! cluster.
 //! [`loss`] holds the uniform-prior loss with its exact gradient that both the server
 //! trainer and on-device adaptation use; [`bundle`] is the one-file model format;
 //! [`metrics`] scores clusterings against labels.

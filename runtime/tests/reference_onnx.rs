@@ -1,11 +1,11 @@
-//! The runtime against a network exported by PyTorch: tract must reproduce the embeddings
-//! PyTorch computed (stored beside the model), and the f16 bundle made from it must stay
-//! small and agree with the f32 network.
+//! The runtime against a network exported by PyTorch: both engines (selfclass's kernels
+//! and tract) must reproduce the embeddings PyTorch computed (stored beside the model), and
+//! the f16 bundle made from it must stay small and agree with the f32 network.
 
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array4, Axis};
-use selfclass_runtime::backbone::Backbone;
+use selfclass_runtime::backbone::{Backbone, Engine};
 use selfclass_runtime::bundle::{Bundle, Provenance};
 use selfclass_runtime::head::Head;
 use selfclass_runtime::idx;
@@ -29,7 +29,7 @@ fn test_images(n: usize) -> Array4<f32> {
 }
 
 #[test]
-fn tract_reproduces_pytorch_embeddings() {
+fn both_engines_reproduce_pytorch_embeddings() {
     let io: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data("ref_net_io.json")).expect("io json"))
             .expect("json");
@@ -44,17 +44,20 @@ fn tract_reproduces_pytorch_embeddings() {
     let input = Array4::from_shape_vec((4, 1, 28, 28), floats("input")).expect("input shape");
     let want = Array2::from_shape_vec((4, 128), floats("output")).expect("output shape");
 
-    let net = Backbone::from_onnx_file(&data("ref_net.onnx")).expect("loads");
-    assert_eq!(net.input_chw(), (1, 28, 28));
-    assert_eq!(net.embedding_dim(), 128);
-    let got = net.embed(input.view()).expect("runs");
-    let worst = (&got - &want).iter().fold(0f32, |m, d| m.max(d.abs()));
-    assert!(worst < 1e-4, "largest difference from PyTorch {worst}");
+    for engine in [Engine::Auto, Engine::Tract] {
+        let net = Backbone::from_onnx_file_with(&data("ref_net.onnx"), engine).expect("loads");
+        let name = net.engine();
+        assert_eq!(net.input_chw(), (1, 28, 28));
+        assert_eq!(net.embedding_dim(), 128);
+        let got = net.embed(input.view()).expect("runs");
+        let worst = (&got - &want).iter().fold(0f32, |m, d| m.max(d.abs()));
+        assert!(worst < 1e-4, "{name}: largest difference from PyTorch {worst}");
 
-    // The same plan serves any batch size, one image at a time too.
-    let single = net.embed(input.slice(ndarray::s![2..3, .., .., ..])).expect("batch of one");
-    let worst = (&single.row(0) - &want.row(2)).iter().fold(0f32, |m, d| m.max(d.abs()));
-    assert!(worst < 1e-4, "single image differs by {worst}");
+        // Any batch size, one image at a time too.
+        let single = net.embed(input.slice(ndarray::s![2..3, .., .., ..])).expect("batch of one");
+        let worst = (&single.row(0) - &want.row(2)).iter().fold(0f32, |m, d| m.max(d.abs()));
+        assert!(worst < 1e-4, "{name}: single image differs by {worst}");
+    }
 }
 
 /// Ten heads' worth of class prototypes: embeddings of ten sample training images of
