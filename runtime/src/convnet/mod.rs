@@ -6,6 +6,11 @@
 //! [`lower::lower`] builds one from the graph tract has parsed and simplified; any graph
 //! outside that shape, or a processor without the kernels, stays with tract's plan.
 //! The backbone checks a lowered network against tract's plan before using it.
+//!
+//! The kernels are x86-64 only; elsewhere no network is ever lowered (the code still
+//! compiles there, so it stays checked on every target).
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 pub(crate) mod kernel;
 pub(crate) mod lower;
