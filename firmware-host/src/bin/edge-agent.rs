@@ -230,6 +230,7 @@ fn run(args: RunArgs, mut started: Instant) -> anyhow::Result<()> {
             version = model.bundle.model_version,
             heads = ?model.bundle.classes_per_head(),
             anchors = model.bundle.anchors()?.map_or(0, |(a, _)| a.nrows()),
+            engine = model.backbone.engine(),
             "model loaded"
         );
         let channels = model.bundle.preprocess.channels;
