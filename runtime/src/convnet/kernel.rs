@@ -189,6 +189,9 @@ mod x86 {
         for i in 0..MR {
             let o = out.add(t.out_pixels[i]);
             for h in 0..2 {
+                if 16 * h >= t.lanes {
+                    break;
+                }
                 let mut v = _mm512_add_ps(acc[i][h], bias[h]);
                 v = match t.activation {
                     Activation::Identity => v,

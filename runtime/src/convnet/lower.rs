@@ -197,6 +197,10 @@ pub(crate) fn lower(
         return Err("the chain does not end at the graph's output".into());
     }
     let net = ConvNet::new(layers, chw, isa).ok_or("the layers' shapes do not chain")?;
+    if !net.output_is_vector() {
+        // The kernels' images are channels-last; an image output would come out transposed.
+        return Err("the output is an image, not a vector".into());
+    }
     let expected: usize = output_shape(model, output)?.iter().product();
     if net.output_len() != expected {
         return Err(format!("{} outputs computed, the graph has {expected}", net.output_len()));

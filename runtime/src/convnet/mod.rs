@@ -184,7 +184,9 @@ impl ConvNet {
                 Layer::Conv(conv) => {
                     let (kh, kw) = conv.kernel;
                     let (dh, dw) = conv.dilation;
-                    if conv.cin != shape.0
+                    let sizes = [conv.cin, conv.cout, kh, kw, dh, dw, conv.stride.0, conv.stride.1];
+                    if sizes.contains(&0)
+                        || conv.cin != shape.0
                         || shape.1 + conv.pad[0] + conv.pad[2] < dh * (kh - 1) + 1
                         || shape.2 + conv.pad[1] + conv.pad[3] < dw * (kw - 1) + 1
                     {
@@ -208,6 +210,12 @@ impl ConvNet {
 
     pub(crate) fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// Whether each image's output is one vector (one pixel), not an image.
+    pub(crate) fn output_is_vector(&self) -> bool {
+        let g = self.geometry[self.geometry.len() - 1];
+        (g.h, g.w) == (1, 1)
     }
 
     /// Values per output row.

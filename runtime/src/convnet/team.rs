@@ -123,10 +123,11 @@ impl Team {
                 std::hint::spin_loop();
             }
         }
+        let worker_panicked = shared.panicked.swap(false, SeqCst);
         if let Err(panic) = mine {
             std::panic::resume_unwind(panic);
         }
-        if shared.panicked.swap(false, SeqCst) {
+        if worker_panicked {
             panic!("an embedding worker thread panicked");
         }
     }
@@ -226,6 +227,9 @@ mod tests {
             ran.fetch_add(1, SeqCst);
         });
         assert_eq!(ran.load(SeqCst), team.threads());
+        // Every share failing at once leaves nothing behind for the next job either.
+        assert!(catch_unwind(AssertUnwindSafe(|| team.run(&|i| panic!("share {i}")))).is_err());
+        team.run(&|_| {});
     }
 
     #[test]

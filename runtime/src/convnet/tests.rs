@@ -169,6 +169,11 @@ fn shapes_that_do_not_chain_are_refused() {
     assert!(ConvNet::new(vec![Layer::Conv(conv.clone())], (4, 8, 8), isa).is_none());
     // An image smaller than the kernel.
     assert!(ConvNet::new(vec![Layer::Conv(conv)], (3, 2, 8), isa).is_none());
+    // No output channels, or a stride of zero.
+    let empty = Conv::new(&[], &[], (0, 3, 1, 1), (1, 1), (1, 1), [0; 4]);
+    assert!(ConvNet::new(vec![Layer::Conv(empty)], (3, 4, 4), isa).is_none());
+    let still = Conv::new(&[0.0; 3], &[0.0], (1, 3, 1, 1), (0, 1), (1, 1), [0; 4]);
+    assert!(ConvNet::new(vec![Layer::Conv(still)], (3, 4, 4), isa).is_none());
     // Normalising a whole image rather than a vector.
     assert!(ConvNet::new(vec![Layer::Normalize { eps: 1e-7 }], (3, 2, 2), isa).is_none());
 }
