@@ -272,8 +272,7 @@ impl Backbone {
     /// batch is split into parts.
     pub fn embed_threads(&self, images: ArrayView4<f32>, threads: usize) -> Result<Array2<f32>> {
         let n = images.dim().0;
-        let processors = std::thread::available_parallelism().map_or(1, |p| p.get());
-        let threads = threads.min(processors);
+        let threads = threads.min(processors());
         if threads <= 1 || n == 0 {
             return self.embed(images);
         }
@@ -386,6 +385,13 @@ impl Backbone {
         idle.lock().unwrap_or_else(|p| p.into_inner()).push(state);
         Ok(out.unwrap_or_else(|| Array2::zeros((0, self.embedding_dim))))
     }
+}
+
+/// The processors this process may use, asked once: the question reads the cgroup's
+/// limits from the file system, which costs tens of microseconds.
+fn processors() -> usize {
+    static PROCESSORS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PROCESSORS.get_or_init(|| std::thread::available_parallelism().map_or(1, |p| p.get()))
 }
 
 /// Images the two engines are compared on when a network loads: all zeros, and two of
