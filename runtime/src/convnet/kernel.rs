@@ -100,7 +100,7 @@ pub(crate) struct Tile<'a> {
     pub pixels: &'a [usize],
     /// Offset of each kernel tap from the origin.
     pub taps: &'a [usize],
-    /// Input channels (contiguous values per tap).
+    /// Contiguous values per tap: the input channels, or a whole kernel row of them.
     pub cin: usize,
     /// This panel's weights, `[tap][cin][NR]`.
     pub weights: &'a [f32],
