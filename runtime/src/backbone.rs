@@ -10,7 +10,8 @@
 //! With tract, the network is optimised once for a batch of one image and a batch runs
 //! image by image through that plan (one image lets tract gather each convolution's
 //! patches as its kernels read them; a larger batch materialises the whole patch matrix).
-//! With selfclass's kernels, a whole batch runs layer by layer, its pixels tiled together.
+//! With selfclass's kernels, a batch runs layer by layer in chunks of images sized to
+//! stay in cache, each chunk's pixels tiled together.
 //! Either way the buffers a call computes into are kept and reused, one set per
 //! concurrent caller.
 //!
@@ -39,7 +40,7 @@ use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// Thread teams, each with the thread count it was asked for.
+/// Thread teams, each under its thread count.
 type Teams = Vec<(usize, Arc<Team>)>;
 
 /// Which engine runs the network.
