@@ -35,7 +35,8 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::bundle::Bundle;
-use crate::convnet::{self, kernel::Isa, team::Team, ConvNet, Workspace};
+use crate::convnet::team::{processors, Team};
+use crate::convnet::{self, kernel::Isa, ConvNet, Workspace};
 use crate::{Error, Result};
 
 type Plan = Arc<TypedRunnableModel>;
@@ -72,7 +73,7 @@ enum Runner {
     /// tract's plan for one image, with run states handed back by finished calls.
     Tract { plan: Plan, idle: Arc<Mutex<Vec<TypedSimpleState>>> },
     /// selfclass's kernels, with workspaces handed back by finished calls and a team of
-    /// threads per thread count asked for (no more threads than processors).
+    /// threads per thread count used (no more threads than processors).
     Kernels { net: Arc<ConvNet>, idle: Arc<Mutex<Vec<Workspace>>>, teams: Arc<Mutex<Teams>> },
 }
 
@@ -386,13 +387,6 @@ impl Backbone {
         idle.lock().unwrap_or_else(|p| p.into_inner()).push(state);
         Ok(out.unwrap_or_else(|| Array2::zeros((0, self.embedding_dim))))
     }
-}
-
-/// The processors this process may use, asked once: the question reads the cgroup's
-/// limits from the file system, which costs tens of microseconds.
-fn processors() -> usize {
-    static PROCESSORS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PROCESSORS.get_or_init(|| std::thread::available_parallelism().map_or(1, |p| p.get()))
 }
 
 /// Images the two engines are compared on when a network loads: all zeros, and two of

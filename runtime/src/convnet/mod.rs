@@ -150,7 +150,60 @@ pub(crate) struct ConvNet {
     layers: Vec<Layer>,
     /// Input geometry of each layer, then the output's.
     geometry: Vec<Geometry>,
+    /// How each convolution walks its input (`None` for other layers).
+    schedules: Vec<Option<Schedule>>,
     isa: Isa,
+}
+
+/// What a convolution's tiles read, fixed by its shape and its input's geometry.
+#[derive(Debug)]
+struct Schedule {
+    /// Offset of each tap (or each kernel row, when its taps merge into one run) from a
+    /// pixel's receptive-field origin.
+    taps: Vec<usize>,
+    /// Entries of `taps` per kernel row.
+    per_row: usize,
+    /// Contiguous values read at each tap.
+    run: usize,
+    /// Output rows grouped by the kernel rows that fall inside the image.
+    bands: Vec<Band>,
+}
+
+impl Schedule {
+    fn new(conv: &Conv, gin: Geometry, oh: usize) -> Schedule {
+        let (pw, c) = (gin.padded().1, gin.c);
+        // Without dilation along rows, a kernel row's taps are one run of `kw * c` values
+        // (the packed weights are in the same order), so the kernel loops over rows.
+        let (taps, run): (Vec<usize>, usize) = if conv.dilation.1 == 1 {
+            let rows = (0..conv.kernel.0).map(|ky| ky * conv.dilation.0 * pw * c).collect();
+            (rows, conv.kernel.1 * c)
+        } else {
+            let taps = (0..conv.kernel.0)
+                .flat_map(|ky| {
+                    (0..conv.kernel.1)
+                        .map(move |kx| (ky * conv.dilation.0 * pw + kx * conv.dilation.1) * c)
+                })
+                .collect();
+            (taps, c)
+        };
+        let per_row = taps.len() / conv.kernel.0;
+        // Rows whose receptive fields reach into the zero padding skip the kernel rows
+        // that land there: a band's tiles multiply only rows `lo..hi`.
+        let mut bands: Vec<Band> = Vec::new();
+        for y in 0..oh {
+            let inside = |ky: &usize| {
+                let row = y * conv.stride.0 + ky * conv.dilation.0;
+                row >= gin.pad[0] && row < gin.pad[0] + gin.h
+            };
+            let lo = (0..conv.kernel.0).find(inside).unwrap_or(0);
+            let hi = (0..conv.kernel.0).rev().find(inside).map_or(lo, |k| k + 1);
+            match bands.iter_mut().find(|b| (b.lo, b.hi) == (lo, hi)) {
+                Some(band) => band.rows.push(y),
+                None => bands.push(Band { lo, hi, rows: vec![y] }),
+            }
+        }
+        Schedule { taps, per_row, run, bands }
+    }
 }
 
 /// Buffers of one run, kept from call to call: one set per thread, each sized for one
@@ -205,7 +258,15 @@ impl ConvNet {
             };
         }
         geometry.push(Geometry { c: shape.0, h: shape.1, w: shape.2, pad: [0; 4] });
-        Some(ConvNet { layers, geometry, isa })
+        let schedules = layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| match layer {
+                Layer::Conv(conv) => Some(Schedule::new(conv, geometry[i], geometry[i + 1].h)),
+                _ => None,
+            })
+            .collect();
+        Some(ConvNet { layers, geometry, schedules, isa })
     }
 
     pub(crate) fn isa(&self) -> Isa {
@@ -315,7 +376,10 @@ impl ConvNet {
             let (src, dst) = (&done[i], &mut rest[0]);
             let (gin, gout) = (self.geometry[i], self.geometry[i + 1]);
             match layer {
-                Layer::Conv(conv) => self.conv(conv, n, src, gin, dst, gout, team),
+                Layer::Conv(conv) => {
+                    let schedule = self.schedules[i].as_ref().expect("a convolution's schedule");
+                    self.conv(conv, schedule, n, src, gin, dst, gout, team)
+                }
                 Layer::GlobalPool { scale } => {
                     for image in 0..n {
                         let o = gout.at(image, 0, 0);
@@ -349,11 +413,12 @@ impl ConvNet {
 
     /// One convolution: tiles of output pixels by panels of output channels, panel by
     /// panel (each panel's weights stay in cache across its tiles), split in contiguous
-    /// runs over the pool's threads.
+    /// runs over the team's threads.
     #[allow(clippy::too_many_arguments)]
     fn conv(
         &self,
         conv: &Conv,
+        schedule: &Schedule,
         n: usize,
         src: &[f32],
         gin: Geometry,
@@ -361,50 +426,20 @@ impl ConvNet {
         gout: Geometry,
         team: Option<&Team>,
     ) {
-        let (pw, c) = (gin.padded().1, gin.c);
-        // Without dilation along rows, a kernel row's taps are one run of `kw * c` values
-        // (the packed weights are in the same order), so the kernel loops over rows.
-        let (taps, run): (Vec<usize>, usize) = if conv.dilation.1 == 1 {
-            let rows = (0..conv.kernel.0).map(|ky| ky * conv.dilation.0 * pw * c).collect();
-            (rows, conv.kernel.1 * c)
-        } else {
-            let taps = (0..conv.kernel.0)
-                .flat_map(|ky| {
-                    (0..conv.kernel.1)
-                        .map(move |kx| (ky * conv.dilation.0 * pw + kx * conv.dilation.1) * c)
-                })
-                .collect();
-            (taps, c)
-        };
-        let per_row = taps.len() / conv.kernel.0;
-        let (oh, ow) = (gout.h, gout.w);
+        let Schedule { taps, per_row, run, bands } = schedule;
+        let (per_row, run, c) = (*per_row, *run, gin.c);
+        let ow = gout.w;
         let threads = team.map_or(1, Team::threads);
         // Shared between threads, tiles are small enough that each thread gets two or more.
-        let max = self.isa.max_pixels().min((n * oh * ow).div_ceil(2 * threads)).max(1);
-        // Output rows grouped by the kernel rows that fall inside the image (not on the
-        // zero padding): those are the only rows a tile of the group multiplies.
-        let mut bands: Vec<Band> = Vec::new();
-        for y in 0..oh {
-            let inside = |ky: &usize| {
-                let row = y * conv.stride.0 + ky * conv.dilation.0;
-                row >= gin.pad[0] && row < gin.pad[0] + gin.h
-            };
-            let lo = (0..conv.kernel.0).find(inside).unwrap_or(0);
-            let hi = (0..conv.kernel.0).rev().find(inside).map_or(lo, |k| k + 1);
-            match bands.iter_mut().find(|b| (b.lo, b.hi) == (lo, hi)) {
-                Some(band) => band.rows.push(y),
-                None => bands.push(Band { lo, hi, rows: vec![y], tiles: 0 }),
-            }
-        }
-        for band in &mut bands {
-            band.tiles = (n * band.rows.len() * ow).div_ceil(max);
-        }
+        let max = self.isa.max_pixels().min((n * gout.h * ow).div_ceil(2 * threads)).max(1);
+        let band_tiles: Vec<usize> =
+            bands.iter().map(|band| (n * band.rows.len() * ow).div_ceil(max)).collect();
         let panels = conv.cout.div_ceil(NR);
         // Every tile, top of the image first: (band, tile in band).
-        let tiles: Vec<(usize, usize)> = bands
+        let tiles: Vec<(usize, usize)> = band_tiles
             .iter()
             .enumerate()
-            .flat_map(|(b, band)| (0..band.tiles).map(move |t| (b, t)))
+            .flat_map(|(b, &count)| (0..count).map(move |t| (b, t)))
             .collect();
         let panel_len = conv.panel_len();
         let row_len = conv.kernel.1 * c * NR;
@@ -417,9 +452,9 @@ impl ConvNet {
             let mut origins = [0usize; kernel::MAX_PIXELS];
             let mut targets = [0usize; kernel::MAX_PIXELS];
             for (panel, &(b, tile)) in panels.flat_map(|p| tiles.iter().map(move |t| (p, t))) {
-                let band = &bands[b];
+                let (band, parts) = (&bands[b], band_tiles[b]);
                 let pixels = n * band.rows.len() * ow;
-                let (start, end) = (tile * pixels / band.tiles, (tile + 1) * pixels / band.tiles);
+                let (start, end) = (tile * pixels / parts, (tile + 1) * pixels / parts);
                 for (k, p) in (start..end).enumerate() {
                     let (image, r, x) =
                         (p / (band.rows.len() * ow), p / ow % band.rows.len(), p % ow);
@@ -453,9 +488,9 @@ impl ConvNet {
         let costs: Vec<usize> = tiles
             .iter()
             .map(|&(b, t)| {
-                let band = &bands[b];
+                let (band, parts) = (&bands[b], band_tiles[b]);
                 let pixels = n * band.rows.len() * ow;
-                let m = (t + 1) * pixels / band.tiles - t * pixels / band.tiles;
+                let m = (t + 1) * pixels / parts - t * pixels / parts;
                 m * (band.hi - band.lo).max(1)
             })
             .collect();
@@ -494,13 +529,12 @@ fn balanced_cuts(costs: &[usize], parts: usize) -> Vec<usize> {
 }
 
 /// Output rows of a convolution whose receptive fields cover the same kernel rows
-/// `lo..hi` inside the image, and how many tiles their pixels make.
+/// `lo..hi` inside the image.
 #[derive(Debug)]
 struct Band {
     lo: usize,
     hi: usize,
     rows: Vec<usize>,
-    tiles: usize,
 }
 
 /// The output buffer, shared by threads that write disjoint parts of it.

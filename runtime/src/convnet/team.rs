@@ -59,8 +59,7 @@ impl Team {
     /// A team of `threads` (at least 1, at most the processors this process may run on);
     /// `None` if a thread cannot be started.
     pub(crate) fn new(threads: usize) -> Option<Team> {
-        let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = threads.clamp(1, processors.max(1));
+        let threads = threads.clamp(1, processors());
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
@@ -144,6 +143,13 @@ impl Drop for Team {
             let _ = worker.join();
         }
     }
+}
+
+/// The processors this process may use, asked once: the question reads the cgroup's
+/// limits from the file system, which costs tens of microseconds.
+pub(crate) fn processors() -> usize {
+    static PROCESSORS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PROCESSORS.get_or_init(|| std::thread::available_parallelism().map_or(1, |p| p.get()))
 }
 
 /// A worker's life: wait for each new epoch, run its share of the job, report.
@@ -234,8 +240,7 @@ mod tests {
 
     #[test]
     fn no_more_threads_than_processors() {
-        let processors = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(Team::new(processors + 3).expect("team").threads(), processors);
+        assert_eq!(Team::new(processors() + 3).expect("team").threads(), processors());
         assert_eq!(Team::new(0).expect("team").threads(), 1);
     }
 }
