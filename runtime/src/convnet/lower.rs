@@ -56,6 +56,8 @@ pub(crate) fn lower(
                 .and_then(|o| model.outlet_fact(*o).ok())
                 .and_then(|f| f.konst.clone())
         };
+        // The constant beside the varying input `v` of a two-input node.
+        let other = |v: usize| if node.inputs.len() == 2 { konst(1 - v) } else { None };
         if node.inputs.is_empty() {
             if model.outlet_fact(OutletId::new(id, 0)).is_ok_and(|f| f.konst.is_some()) {
                 continue;
@@ -92,7 +94,7 @@ pub(crate) fn lower(
                     Tail::Rooted(x, here)
                 }
                 (Tail::Rooted(x, r), "Max") if only(&variable, r) => {
-                    let eps = scalar(&konst(1 - variable[0].0)).ok_or_else(unsupported)?;
+                    let eps = scalar(&other(variable[0].0)).ok_or_else(unsupported)?;
                     Tail::Clamped(x, here, eps)
                 }
                 (Tail::Clamped(x, m, eps), _)
@@ -130,7 +132,7 @@ pub(crate) fn lower(
                 lower_conv(conv, &konst(1), &konst(2), &current_shape).ok_or_else(unsupported)?,
             ));
         } else if let Some(bin) = node.op_as::<TypedBinOp>() {
-            let k = konst(1 - variable[0].0).ok_or_else(unsupported)?;
+            let k = other(variable[0].0).ok_or_else(unsupported)?;
             let channels = per_channel(&k, &shape).ok_or_else(unsupported)?;
             let last = layers.last_mut().ok_or_else(unsupported)?;
             match (bin.0.name(), last) {
@@ -164,7 +166,7 @@ pub(crate) fn lower(
             }
             layers.push(Layer::GlobalPool { scale: 1.0 });
         } else if let Some(einsum) = node.op_as::<EinSum>() {
-            let k = konst(1 - variable[0].0).ok_or_else(unsupported)?;
+            let k = other(variable[0].0).ok_or_else(unsupported)?;
             layers.push(Layer::Conv(
                 lower_dense(einsum, variable[0].0, &k, &current_shape, &shape)
                     .ok_or_else(unsupported)?,
